@@ -1,0 +1,227 @@
+"""OpenCL backend: every device of every OpenCL platform, as `opencl:<platform>:<device>`.
+
+Values are `pyopencl.array.Array`s. Each device gets one context and one in-order queue with
+profiling on, so every kernel and copy carries device timestamps. Programs are built once per
+(device, kernel file, defines) and cached. FPGAs cannot compile OpenCL C at run time: for them
+(and for any device named in `use_binaries`) the program is loaded from a precompiled binary
+(`.xclbin` for AMD/Xilinx, `.aocx` for Intel) found in the configured binary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..devices import Device
+from ..records import Timing
+
+try:  # the backend is optional: without pyopencl, hetero keeps working on torch
+    import pyopencl as cl
+    import pyopencl.array as cla
+except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+    cl = None
+    _IMPORT_ERROR = exc
+
+NAME = "opencl"
+BINARY_SUFFIXES = (".xclbin", ".aocx", ".bin")
+_FPGA_VENDOR_HINTS = ("xilinx", "fpga", "altera", "intel(r) fpga")
+
+
+@dataclass
+class _DeviceState:
+    context: "cl.Context"
+    queue: "cl.CommandQueue"
+    programs: dict = field(default_factory=dict)
+
+
+_states: dict[str, _DeviceState] = {}
+_ids_by_ptr: dict[int, str] = {}
+_binary_dir: Path | None = None
+_binary_only: set[str] = set()
+
+
+def discover() -> list[Device]:
+    if cl is None:
+        raise RuntimeError(f"pyopencl is not importable ({_IMPORT_ERROR}); `pip install pyopencl pocl-binary-distribution`")
+    found = []
+    try:
+        platforms = cl.get_platforms()
+    except cl.LogicError as exc:  # no ICD loader / no platform
+        raise RuntimeError(f"no OpenCL platform ({exc}); `pip install pocl-binary-distribution` gives a CPU device") from exc
+    for pi, platform in enumerate(platforms):
+        for di, dev in enumerate(platform.get_devices()):
+            dev_id = f"opencl:{pi}:{di}"
+            _ids_by_ptr[dev.int_ptr] = dev_id
+            info = {"platform": platform.name, "vendor": dev.vendor, "compute_units": dev.max_compute_units,
+                    "global_memory_bytes": dev.global_mem_size, "local_memory_bytes": dev.local_mem_size,
+                    "max_alloc_bytes": dev.max_mem_alloc_size, "version": dev.version}
+            found.append(Device(dev_id, _kind(platform, dev), NAME, dev.name.strip(), dev, info))
+    return found
+
+
+def _kind(platform, dev) -> str:
+    if dev.type & cl.device_type.GPU:
+        return "gpu"
+    if dev.type & cl.device_type.CPU:
+        return "cpu"
+    text = f"{platform.name} {platform.vendor} {dev.vendor}".lower()
+    return "fpga" if any(h in text for h in _FPGA_VENDOR_HINTS) else "accelerator"
+
+
+def state(device: Device) -> _DeviceState:
+    st = _states.get(device.id)
+    if st is None:
+        ctx = cl.Context([device.handle])
+        queue = cl.CommandQueue(ctx, properties=cl.command_queue_properties.PROFILING_ENABLE)
+        st = _states[device.id] = _DeviceState(ctx, queue)
+    return st
+
+
+def queue(device: Device) -> "cl.CommandQueue":
+    return state(device).queue
+
+
+# --- programs -------------------------------------------------------------------------
+
+def kernel_source_dir() -> Path:
+    """Where the .cl files are: inside the installed package, else the source tree's
+    top-level fpga_kernels/ (editable / PYTHONPATH use)."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "fpga_kernels", here.parent / "fpga_kernels"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"OpenCL kernel sources not found next to {here}; reinstall hetero")
+
+
+def binary_name(kernel_file: str, defines: dict[str, int]) -> str:
+    """File stem a precompiled binary must carry: the kernel file's stem plus its defines,
+    since an FPGA bitstream is built for fixed compile-time sizes."""
+    tag = "_".join(f"{k}{v}" for k, v in sorted(defines.items()))
+    return f"{Path(kernel_file).stem}-{tag}"
+
+
+def use_binaries(directory: str | os.PathLike | None, devices: list[str] = ()) -> None:
+    """Load programs from precompiled binaries in `directory` (default: $HETERO_FPGA_BINARY_DIR).
+    FPGA devices always load binaries; `devices` forces it for others too (e.g. to check a
+    binary-loading flow on PoCL)."""
+    global _binary_dir
+    _binary_dir = Path(directory) if directory is not None else None
+    _binary_only.clear()
+    _binary_only.update(devices)
+    for st in _states.values():
+        st.programs.clear()
+
+
+def program(device: Device, kernel_file: str, defines: dict[str, int]) -> "cl.Program":
+    """The built program for these compile-time defines, built (or loaded) once."""
+    st = state(device)
+    key = (kernel_file, tuple(sorted(defines.items())))
+    prg = st.programs.get(key)
+    if prg is None:
+        if device.kind == "fpga" or device.id in _binary_only:
+            prg = _load_binary(device, st, kernel_file, defines)
+        else:
+            source = (kernel_source_dir() / kernel_file).read_text()
+            options = [f"-D{k}={v}" for k, v in sorted(defines.items())] + ["-cl-std=CL1.2"]
+            try:
+                prg = cl.Program(st.context, source).build(options=options)
+            except cl.RuntimeError as exc:
+                raise RuntimeError(f"building {kernel_file} for {device.id} with {options} failed:\n{exc}") from exc
+        st.programs[key] = prg
+    return prg
+
+
+def _load_binary(device: Device, st: _DeviceState, kernel_file: str, defines: dict[str, int]):
+    directory = _binary_dir or (Path(os.environ["HETERO_FPGA_BINARY_DIR"]) if os.environ.get("HETERO_FPGA_BINARY_DIR") else None)
+    stem = binary_name(kernel_file, defines)
+    if directory is None:
+        raise RuntimeError(f"{device.id} ({device.name}) loads precompiled programs only: set HETERO_FPGA_BINARY_DIR "
+                           f"or call hetero.backends.opencl.use_binaries(dir) to a folder holding {stem}"
+                           f"{{{','.join(BINARY_SUFFIXES)}}} (built from fpga_kernels/{kernel_file} with {defines})")
+    for suffix in BINARY_SUFFIXES:
+        path = directory / (stem + suffix)
+        if path.is_file():
+            prg = cl.Program(st.context, [device.handle], [path.read_bytes()])
+            return prg.build()
+    raise FileNotFoundError(f"no precompiled program {stem}{{{','.join(BINARY_SUFFIXES)}}} in {directory} for {device.id}")
+
+
+def export_binary(device: Device, kernel_file: str, defines: dict[str, int], directory: str | os.PathLike) -> Path:
+    """Compile from source on `device` and write the binary under the name `program`
+    looks for; on PoCL this exercises the same load path an FPGA bitstream takes."""
+    st = state(device)
+    source = (kernel_source_dir() / kernel_file).read_text()
+    options = [f"-D{k}={v}" for k, v in sorted(defines.items())] + ["-cl-std=CL1.2"]
+    prg = cl.Program(st.context, source).build(options=options)
+    path = Path(directory) / (binary_name(kernel_file, defines) + ".bin")
+    path.write_bytes(prg.get_info(cl.program_info.BINARIES)[0])
+    return path
+
+
+# --- data ----------------------------------------------------------------------------
+
+def holds(value) -> bool:
+    return cl is not None and isinstance(value, cla.Array)
+
+
+def device_id(value) -> str:
+    return _ids_by_ptr[value.queue.device.int_ptr]
+
+
+def nbytes(value) -> int:
+    return value.nbytes
+
+
+def _host_array(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach()
+    if tensor.dtype == torch.bfloat16:  # OpenCL has no bfloat16; float32 holds it exactly
+        tensor = tensor.float()
+    return tensor.cpu().contiguous().numpy()
+
+
+def upload(tensor: torch.Tensor, device: Device):
+    """Copy a torch tensor into a new device array; returns (array, Timing)."""
+    q = queue(device)
+    start = time.perf_counter_ns()
+    host = _host_array(tensor)
+    arr = cla.empty(q, host.shape, host.dtype)
+    if host.size:
+        evt = cl.enqueue_copy(q, arr.data, host, is_blocking=False)
+        arr.add_event(evt)
+        timing = Timing("opencl-event", (time.perf_counter_ns() - start) / 1e9, start, _span([evt]))
+    else:
+        timing = Timing("host-clock", (time.perf_counter_ns() - start) / 1e9, start)
+    return arr, timing
+
+
+def download(value):
+    """Copy a device array into a CPU torch tensor (waits for it); returns (tensor, Timing)."""
+    start = time.perf_counter_ns()
+    host = np.empty(value.shape, value.dtype)
+    if host.size:
+        evt = cl.enqueue_copy(value.queue, host, value.data, wait_for=value.events, is_blocking=True)
+        timing = Timing("opencl-event", (time.perf_counter_ns() - start) / 1e9, start, _span([evt]))
+    else:
+        timing = Timing("host-clock", (time.perf_counter_ns() - start) / 1e9, start)
+    return torch.from_numpy(host), timing
+
+
+def call(device: Device, fn, args):
+    """Run fn(device, *args), which enqueues work and returns (result, events)."""
+    start = time.perf_counter_ns()
+    result, events = fn(device, *args)
+    wall = (time.perf_counter_ns() - start) / 1e9
+    return result, Timing("opencl-event", wall, start, _span(events) if events else None)
+
+
+def _span(events):
+    """Device seconds from the first event's start to the last one's end."""
+    def resolve() -> float:
+        cl.wait_for_events(events)
+        return (max(e.profile.end for e in events) - min(e.profile.start for e in events)) / 1e9
+    return resolve

@@ -1,0 +1,92 @@
+"""torch backend: `torch:cpu` always, `torch:cuda:N` per visible GPU.
+
+Values are torch tensors. CUDA calls are timed with CUDA events (device timestamps);
+CPU calls are synchronous and timed with the host clock.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..devices import Device
+from ..records import Timing
+
+NAME = "torch"
+
+
+def discover() -> list[Device]:
+    found = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            found.append(Device(f"torch:cuda:{i}", "gpu", NAME, props.name, torch.device("cuda", i),
+                                {"memory_bytes": props.total_memory}))
+    found.append(Device("torch:cpu", "cpu", NAME, "torch CPU", torch.device("cpu"),
+                        {"threads": torch.get_num_threads()}))
+    return found
+
+
+def holds(value) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+def device_id(value: torch.Tensor) -> str:
+    return id_of(value.device)
+
+
+def id_of(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"torch:cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+    return f"torch:{device.type}"
+
+
+def upload(tensor: torch.Tensor, device: Device):
+    """Move a torch tensor onto `device`; returns (tensor, Timing)."""
+    start = time.perf_counter_ns()
+    out = tensor.to(device.handle)
+    _sync(device.handle, tensor.device)
+    end = time.perf_counter_ns()
+    return out, Timing("host-clock", (end - start) / 1e9, start)
+
+
+def download(value: torch.Tensor):
+    """To a CPU tensor; returns (tensor, Timing)."""
+    start = time.perf_counter_ns()
+    out = value.cpu()
+    end = time.perf_counter_ns()
+    return out, Timing("host-clock", (end - start) / 1e9, start)
+
+
+def nbytes(value: torch.Tensor) -> int:
+    return value.numel() * value.element_size()
+
+
+def call(device: Device, fn, args):
+    """Run fn(device, *args); returns (result, Timing)."""
+    handle = device.handle
+    if handle.type == "cuda":
+        begin = torch.cuda.Event(enable_timing=True)
+        end_evt = torch.cuda.Event(enable_timing=True)
+        host_start = time.perf_counter_ns()
+        begin.record()
+        result = fn(device, *args)
+        end_evt.record()
+        wall = (time.perf_counter_ns() - host_start) / 1e9
+
+        def resolve() -> float:
+            end_evt.synchronize()
+            return begin.elapsed_time(end_evt) / 1e3
+
+        return result, Timing("cuda-event", wall, host_start, resolve)
+    start = time.perf_counter_ns()
+    result = fn(device, *args)
+    end = time.perf_counter_ns()
+    return result, Timing("host-clock", (end - start) / 1e9, start)
+
+
+def _sync(*devices: torch.device) -> None:
+    for d in devices:
+        if d.type == "cuda":
+            torch.cuda.synchronize(d)

@@ -1,0 +1,44 @@
+"""What every method shares: its implementations per backend and what each step needs."""
+
+from __future__ import annotations
+
+from ..devices import Device
+from ..runtime import Step
+
+
+class Method:
+    """A long-context technique described as its four steps.
+
+    Subclasses set `name`, `memory_type`, `needs` (for each step, the operations a backend
+    implementation must have to run that step) and register one implementation object per
+    backend in `implementations`; they write the flows `prepare(run, ...)`,
+    `append(run, memory, ...)` and `step(run, query, memory)` in terms of `run.run(step, op, ...)`.
+    """
+
+    name = "method"
+    memory_type: type = object
+    needs: dict[Step, tuple[str, ...]] = {}
+
+    def __init__(self):
+        self.implementations: dict[str, object] = {}
+
+    def impl(self, backend: str):
+        return self.implementations[backend]
+
+    def why_not(self, step: Step, device: Device) -> list[str]:
+        """Reasons `step` cannot run on `device` (empty when it can)."""
+        impl = self.implementations.get(device.backend)
+        if impl is None:
+            have = sorted(b for b in self.implementations if self.why_not_backend(step, b) == [])
+            return [f"{self.name} has no {device.backend} implementation (it has {have} for {step.value})"]
+        return self.why_not_backend(step, device.backend) + list(getattr(impl, "why_not", lambda s, d: [])(step, device))
+
+    def why_not_backend(self, step: Step, backend: str) -> list[str]:
+        impl = self.implementations.get(backend)
+        if impl is None:
+            return [f"no {backend} implementation"]
+        missing = [op for op in self.needs.get(step, ()) if not hasattr(impl, op)]
+        return [f"the {backend} implementation lacks {', '.join(missing)}"] if missing else []
+
+    def backends_for(self, step: Step) -> list[str]:
+        return [b for b in self.implementations if not self.why_not_backend(step, b)]

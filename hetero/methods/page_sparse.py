@@ -1,0 +1,494 @@
+"""Page-level query-aware sparse attention (Quest / LServe).
+
+    prepare    per page and KV head, the elementwise min and max of the keys
+    relevancy  per page, the bound sum_d max(q_d*min_d, q_d*max_d), max over the query
+               heads of a KV group (GQA)
+    retrieval  top-k pages per sequence and KV head (ties -> lower page index), sink and
+               local pages always kept
+    apply      exact attention of the query over only the selected pages' tokens
+
+Memory: the page summaries live on the relevancy device, the KV cache on the apply device.
+Both are capacity-padded along the token axis so `append` extends them in place; a new
+token's page summary is merged with elementwise min/max, which makes incremental updates
+exactly equal to a rebuild. The math of every step is defined once, in
+`page_sparse_reference`; the torch and OpenCL implementations below are tested against it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..backends import opencl
+from ..runtime import Run, Step
+from .base import Method
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_FILE = "page_sparse.cl"
+
+
+@dataclass(eq=False)
+class PageSparseMemory:
+    """Prepared memory of one batch of sequences. `summary` [B, H, pages, 2, D] (min, max)
+    sits on the relevancy device; `k_cache`/`v_cache` [B, H, tokens, D] on the apply
+    device; `lengths` (host, int64) counts valid tokens per sequence."""
+
+    batch: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    lengths: np.ndarray
+    summary: object
+    k_cache: object
+    v_cache: object
+    placement: object = None
+    _lengths_on: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def token_capacity(self) -> int:
+        return int(self.k_cache.shape[2])
+
+    @property
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held per part of the memory."""
+        return {"summary": _nbytes(self.summary), "kv_cache": _nbytes(self.k_cache) + _nbytes(self.v_cache)}
+
+    def lengths_for(self, run: Run, step: Step):
+        """The lengths as an int32 array resident on `step`'s device, moved once per update."""
+        dev = run.device(step)
+        value = self._lengths_on.get(dev.id)
+        if value is None:
+            value = self._lengths_on[dev.id] = run.to(dev, torch.from_numpy(self.lengths.astype(np.int32)), "lengths")
+        return value
+
+    def __repr__(self) -> str:
+        return (f"PageSparseMemory(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
+                f"dtype={self.dtype}, lengths={self.lengths.tolist()}, capacity={self.token_capacity})")
+
+
+def _nbytes(value) -> int:
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else int(value.nbytes)
+
+
+class PageSparseAttention(Method):
+    """Quest / LServe page-sparse attention for one decode token.
+
+    Args:
+        page_size: tokens per page (16, 32, 64, ...).
+        budget_tokens: tokens attended per sequence and KV head, rounded up to whole pages.
+        budget_pages: the budget in pages instead (give one of the two).
+        sink_pages: leading pages always kept (attention sinks).
+        local_pages: trailing (most recent) pages always kept.
+        scale: softmax scale; default 1/sqrt(head_dim).
+    """
+
+    name = "PageSparseAttention"
+    memory_type = PageSparseMemory
+    # What a backend must implement to run each step. Memory upkeep runs where the memory
+    # lives: summaries on the relevancy device, the KV cache on the apply device.
+    needs = {
+        Step.PREPARE: ("minmax_delta",),
+        Step.RELEVANCY: ("relevancy", "empty_summary", "grow_summary", "merge_summary"),
+        Step.RETRIEVAL: ("retrieval",),
+        Step.APPLY: ("sparse_attention", "empty_cache", "grow_cache", "store_tokens"),
+    }
+
+    def __init__(self, page_size: int = 16, budget_tokens: int | None = None, budget_pages: int | None = None,
+                 sink_pages: int = 1, local_pages: int = 2, scale: float | None = None):
+        super().__init__()
+        self.page_size = _positive_int("page_size", page_size)
+        if budget_tokens is not None and budget_pages is not None:
+            raise ValueError("give budget_tokens or budget_pages, not both")
+        if budget_pages is None:
+            tokens = 2048 if budget_tokens is None else _positive_int("budget_tokens", budget_tokens)
+            budget_pages = -(-tokens // self.page_size)
+        self.budget_pages = _positive_int("budget_pages", budget_pages)
+        self.sink_pages = _nonnegative_int("sink_pages", sink_pages)
+        self.local_pages = _nonnegative_int("local_pages", local_pages)
+        if self.sink_pages + self.local_pages > self.budget_pages:
+            raise ValueError(f"sink_pages + local_pages ({self.sink_pages} + {self.local_pages}) must not exceed the "
+                             f"budget of {self.budget_pages} pages")
+        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+        self.scale = scale
+        self.implementations = {"torch": TorchPageSparse(self), "opencl": OpenCLPageSparse(self)}
+
+    def __repr__(self) -> str:
+        return (f"PageSparseAttention(page_size={self.page_size}, budget_pages={self.budget_pages}, "
+                f"sink_pages={self.sink_pages}, local_pages={self.local_pages}, scale={self.scale})")
+
+    # --- flows ------------------------------------------------------------------------
+
+    def prepare(self, run: Run, keys, values, lengths=None, capacity: int | None = None) -> PageSparseMemory:
+        """Build the memory from keys/values [B, H, S, D]; `lengths` [B] gives each
+        sequence's valid tokens (default S); `capacity` reserves room for appends."""
+        batch, heads, seq, dim = _check_kv(keys, values)
+        lengths = _check_lengths(lengths, batch, seq)
+        longest = int(lengths.max())
+        if capacity is None:
+            capacity = longest + max(256, longest // 8)
+        elif not isinstance(capacity, int) or capacity < longest:
+            raise ValueError(f"capacity must be an int >= the longest sequence ({longest}), got {capacity!r}")
+        tokens = _round_up(capacity, self.page_size)
+        memory = PageSparseMemory(
+            batch, heads, dim, keys.dtype, np.zeros(batch, dtype=np.int64),
+            summary=run.run(Step.RELEVANCY, "empty_summary", (batch, heads, tokens // self.page_size, 2, dim),
+                            keys.dtype, label="prepare"),
+            k_cache=run.run(Step.APPLY, "empty_cache", (batch, heads, tokens, dim), keys.dtype, label="prepare"),
+            v_cache=run.run(Step.APPLY, "empty_cache", (batch, heads, tokens, dim), keys.dtype, label="prepare"))
+        self._write(run, memory, keys, values, memory.summary, memory.k_cache, memory.v_cache, lengths)
+        return memory
+
+    def append(self, run: Run, memory: PageSparseMemory, keys, values) -> PageSparseMemory:
+        """Extend every sequence by keys/values [B, H, n, D], updating the partial last page's
+        summary in place. Everything is checked before anything changes."""
+        batch, heads, n, dim = _check_kv(keys, values, allow_empty=True)
+        if (batch, heads, dim) != (memory.batch, memory.kv_heads, memory.head_dim):
+            raise ValueError(f"keys must be [{memory.batch}, {memory.kv_heads}, n, {memory.head_dim}] like the memory, "
+                             f"got {list(keys.shape)}")
+        if keys.dtype != memory.dtype:
+            raise ValueError(f"keys dtype {keys.dtype} differs from the memory's {memory.dtype}")
+        if n == 0:
+            return memory
+        needed = int(memory.lengths.max()) + n
+        summary, k_cache, v_cache = memory.summary, memory.k_cache, memory.v_cache
+        if needed > memory.token_capacity:  # grow into new arrays; the old ones stay valid until the end
+            tokens = _round_up(max(needed, memory.token_capacity + memory.token_capacity // 4), self.page_size)
+            summary = run.run(Step.RELEVANCY, "grow_summary", summary, tokens // self.page_size, label="prepare")
+            k_cache = run.run(Step.APPLY, "grow_cache", k_cache, tokens, label="prepare")
+            v_cache = run.run(Step.APPLY, "grow_cache", v_cache, tokens, label="prepare")
+        count = np.full(batch, n, dtype=np.int64)
+        self._write(run, memory, keys, values, summary, k_cache, v_cache, count)
+        return memory
+
+    def _write(self, run, memory, keys, values, summary, k_cache, v_cache, count):
+        start = memory.lengths
+        n_local = int(((start % self.page_size + count + self.page_size - 1) // self.page_size).max())
+        delta = run.run(Step.PREPARE, "minmax_delta", keys, start, count, n_local)
+        run.run(Step.RELEVANCY, "merge_summary", summary, delta, start, label="prepare")
+        run.run(Step.APPLY, "store_tokens", k_cache, keys, start, count, label="prepare")
+        run.run(Step.APPLY, "store_tokens", v_cache, values, start, count, label="prepare")
+        memory.summary, memory.k_cache, memory.v_cache = summary, k_cache, v_cache
+        memory.lengths = start + count
+        memory._lengths_on.clear()
+
+    def step(self, run: Run, query, memory: PageSparseMemory):
+        """One decode token's query [B, Hq, D] -> attention output [B, Hq, D] on its device."""
+        _check_query(query, memory)
+        n_pages = -(-int(memory.lengths.max()) // self.page_size)
+        k = min(self.budget_pages, n_pages)
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(memory.head_dim)
+        if run.fused(Step.RELEVANCY, Step.RETRIEVAL, "relevancy_retrieval"):
+            page_ids = run.run(Step.RELEVANCY, "relevancy_retrieval", memory.summary, query,
+                               memory.lengths_for(run, Step.RELEVANCY), n_pages, k, self.sink_pages,
+                               self.local_pages, label="relevancy+retrieval")
+        else:
+            scores = run.run(Step.RELEVANCY, "relevancy", memory.summary, query,
+                             memory.lengths_for(run, Step.RELEVANCY), n_pages)
+            page_ids = run.run(Step.RETRIEVAL, "retrieval", scores, memory.lengths_for(run, Step.RETRIEVAL), k,
+                               self.sink_pages, self.local_pages)
+        run.record.artifacts["page_ids"] = page_ids  # kept by reference: free unless read
+        out = run.run(Step.APPLY, "sparse_attention", memory.k_cache, memory.v_cache, query, page_ids,
+                      memory.lengths_for(run, Step.APPLY), scale)
+        return run.to_torch(out, query.device).to(query.dtype)
+
+
+# --- input checks ----------------------------------------------------------------------
+
+def _positive_int(name, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _nonnegative_int(name, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return int(value)
+
+
+def _check_tensor(name: str, value, rank: int, layout: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor {layout}, got {type(value).__name__}")
+    if value.dim() != rank:
+        raise ValueError(f"{name} must have rank {rank} {layout}, got shape {list(value.shape)}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} dtype must be float32, float16 or bfloat16, got {value.dtype}")
+
+
+def _check_finite(name: str, value: torch.Tensor) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def _check_kv(keys, values, allow_empty: bool = False):
+    layout = "[batch, kv_heads, seq, head_dim]"
+    _check_tensor("keys", keys, 4, layout)
+    _check_tensor("values", values, 4, layout)
+    if keys.shape != values.shape:
+        raise ValueError(f"values shape {list(values.shape)} must equal keys shape {list(keys.shape)}")
+    if keys.dtype != values.dtype:
+        raise ValueError(f"values dtype {values.dtype} must equal keys dtype {keys.dtype}")
+    if keys.device != values.device:
+        raise ValueError(f"keys are on {keys.device} but values on {values.device}; put them on one device")
+    batch, heads, seq, dim = keys.shape
+    if batch == 0 or heads == 0 or dim == 0:
+        raise ValueError(f"keys must have batch, kv_heads and head_dim >= 1, got shape {list(keys.shape)}")
+    if seq == 0 and not allow_empty:
+        raise ValueError("keys hold no tokens (seq = 0): an empty memory cannot be prepared")
+    _check_finite("keys", keys)
+    _check_finite("values", values)
+    return batch, heads, seq, dim
+
+
+def _check_lengths(lengths, batch: int, seq: int) -> np.ndarray:
+    if lengths is None:
+        return np.full(batch, seq, dtype=np.int64)
+    arr = lengths.detach().cpu().numpy() if isinstance(lengths, torch.Tensor) else np.asarray(lengths)
+    if arr.shape != (batch,) or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"lengths must be {batch} integers (one per sequence), got {arr.tolist()!r}")
+    if (arr < 1).any() or (arr > seq).any():
+        raise ValueError(f"lengths must lie in [1, {seq}] (an empty sequence has no memory), got {arr.tolist()}")
+    return arr.astype(np.int64)
+
+
+def _check_query(query, memory: PageSparseMemory) -> None:
+    _check_tensor("query", query, 3, "[batch, q_heads, head_dim]")
+    batch, q_heads, dim = query.shape
+    if batch != memory.batch or dim != memory.head_dim:
+        raise ValueError(f"query must be [{memory.batch}, q_heads, {memory.head_dim}] to match the memory, "
+                         f"got {list(query.shape)}")
+    if q_heads == 0 or q_heads % memory.kv_heads:
+        raise ValueError(f"query q_heads ({q_heads}) must be a positive multiple of the memory's kv_heads "
+                         f"({memory.kv_heads})")
+    _check_finite("query", query)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# --- torch ----------------------------------------------------------------------------
+
+class TorchPageSparse:
+    """All four steps with torch ops, on CPU or GPU."""
+
+    def __init__(self, method: PageSparseAttention):
+        self.page_size = method.page_size
+
+    def empty_summary(self, dev, shape, dtype):
+        summary = torch.empty(shape, dtype=dtype, device=dev.handle)
+        summary[:, :, :, 0] = math.inf  # the identities of min and max
+        summary[:, :, :, 1] = -math.inf
+        return summary
+
+    def empty_cache(self, dev, shape, dtype):
+        return torch.zeros(shape, dtype=dtype, device=dev.handle)
+
+    def grow_summary(self, dev, summary, pages):
+        grown = self.empty_summary(dev, (*summary.shape[:2], pages, *summary.shape[3:]), summary.dtype)
+        grown[:, :, : summary.shape[2]] = summary
+        return grown
+
+    def grow_cache(self, dev, cache, tokens):
+        grown = self.empty_cache(dev, (*cache.shape[:2], tokens, cache.shape[3]), cache.dtype)
+        grown[:, :, : cache.shape[2]] = cache
+        return grown
+
+    def minmax_delta(self, dev, keys, start, count, n_local):
+        """Min/max of the new tokens per page they fall in; local page j of sequence b is
+        absolute page start[b] // page + j. Pages without new tokens hold +inf / -inf."""
+        batch, heads, _, dim = keys.shape
+        page = self.page_size
+        delta = self.empty_summary(dev, (batch, heads, n_local, 2, dim), keys.dtype)
+        for b in range(batch):
+            offset, n = int(start[b]) % page, int(count[b])
+            head = min(n, (page - offset) % page)  # tokens completing a partial first page
+            if head:
+                _merge_minmax(delta[b, :, 0], keys[b, :, :head])
+            full = (n - head) // page
+            if full:
+                pages = keys[b, :, head: head + full * page].unflatten(1, (full, page))
+                first = 1 if head else 0
+                delta[b, :, first: first + full, 0] = pages.amin(2)
+                delta[b, :, first: first + full, 1] = pages.amax(2)
+            tail = n - head - full * page
+            if tail:
+                _merge_minmax(delta[b, :, (1 if head else 0) + full], keys[b, :, n - tail: n])
+        return delta
+
+    def merge_summary(self, dev, summary, delta, start):
+        for b in range(summary.shape[0]):
+            first = int(start[b]) // self.page_size
+            n = min(delta.shape[2], summary.shape[2] - first)
+            target = summary[b, :, first: first + n]
+            torch.minimum(target[:, :, 0], delta[b, :, :n, 0], out=target[:, :, 0])
+            torch.maximum(target[:, :, 1], delta[b, :, :n, 1], out=target[:, :, 1])
+
+    def store_tokens(self, dev, cache, new, start, count):
+        for b in range(cache.shape[0]):
+            s, n = int(start[b]), int(count[b])
+            cache[b, :, s: s + n] = new[b, :, :n]
+
+    def relevancy(self, dev, summary, query, lengths, n_pages):
+        """The bound as one batched GEMM: [min | max] . [min(q, 0) | max(q, 0)] equals
+        sum_d max(q_d*min_d, q_d*max_d) term by term, since min <= max."""
+        batch, heads, _, _, dim = summary.shape
+        group = query.shape[1] // heads
+        pages = summary[:, :, :n_pages].flatten(0, 1).flatten(-2)  # [B*H, n, 2D], a view
+        q = query.reshape(batch * heads, group, dim)
+        weights = torch.cat([q.clamp(max=0), q.clamp(min=0)], -1).transpose(1, 2)
+        compute = torch.float32 if pages.device.type == "cpu" else pages.dtype  # CPU half GEMMs are slow
+        scores = torch.bmm(pages.to(compute), weights.to(compute)).amax(-1).view(batch, heads, n_pages).float()
+        valid = torch.arange(n_pages, device=scores.device) < _pages_of(lengths, self.page_size)[:, None]
+        return scores.masked_fill_(~valid[:, None, :], -math.inf)
+
+    def retrieval(self, dev, scores, lengths, k, sink_pages, local_pages):
+        """Forced pages get +inf; then exactly k per row: every score above the k-th
+        largest, and the lowest-index pages among those equal to it."""
+        batch, heads, n = scores.shape
+        n_pages = _pages_of(lengths, self.page_size)[:, None]
+        page = torch.arange(n, device=scores.device)[None, :]
+        forced = ((page < sink_pages) | (page >= n_pages - local_pages)) & (page < n_pages)
+        ranked = scores.masked_fill(forced[:, None, :], math.inf)
+        kth = torch.topk(ranked, k, dim=-1).values[..., -1:]
+        above = ranked > kth
+        tied = ranked == kth
+        take_tied = tied & (torch.cumsum(tied, -1) <= k - above.sum(-1, keepdim=True))
+        ids = (above | take_tied).nonzero()[:, 2].view(batch, heads, k)  # row-major: ascending
+        return torch.where(ids < n_pages[:, :, None], ids, -1).to(torch.int32)
+
+    def sparse_attention(self, dev, k_cache, v_cache, query, page_ids, lengths, scale):
+        batch, heads, tokens, dim = k_cache.shape
+        page = self.page_size
+        k = page_ids.shape[-1]
+        rows = torch.arange(batch * heads, device=k_cache.device).view(batch, heads, 1) * (tokens // page)
+        flat = (rows + page_ids.clamp(min=0).long()).flatten()
+        # whole pages are contiguous: index_select copies page-sized blocks
+        k_sel = k_cache.view(-1, page, dim).index_select(0, flat).view(batch, heads, k * page, dim)
+        v_sel = v_cache.view(-1, page, dim).index_select(0, flat).view(batch, heads, k * page, dim)
+        pos = page_ids.long()[..., None] * page + torch.arange(page, device=k_cache.device)
+        valid = (page_ids[..., None] >= 0) & (pos < lengths.long()[:, None, None, None])
+        q = query.reshape(batch, heads, -1, dim)
+        if k_sel.dtype != torch.float32 and k_sel.device.type == "cpu":
+            k_sel, v_sel = k_sel.float(), v_sel.float()
+        logits = torch.matmul(q.to(k_sel.dtype), k_sel.transpose(-1, -2)).float() * scale
+        logits.masked_fill_(~valid.view(batch, heads, 1, k * page), -math.inf)
+        out = torch.matmul(torch.softmax(logits, -1).to(v_sel.dtype), v_sel)
+        return out.reshape(query.shape).float()
+
+
+def _merge_minmax(target, tokens) -> None:
+    """target [H, 2, D] <- elementwise min/max with tokens [H, n, D]."""
+    torch.minimum(target[:, 0], tokens.amin(1), out=target[:, 0])
+    torch.maximum(target[:, 1], tokens.amax(1), out=target[:, 1])
+
+
+def _pages_of(lengths, page_size: int):
+    return (lengths.long() + page_size - 1) // page_size
+
+
+def dense_attention(keys, values, query, lengths=None, scale=None):
+    """The dense baseline: GQA-aware attention over every valid token, one decode token
+    (the fastest dense form on CPU; see bench/sparse_attention.py)."""
+    batch, heads, seq, dim = keys.shape
+    scale = scale if scale is not None else 1.0 / math.sqrt(dim)
+    q = query.reshape(batch, heads, -1, dim)
+    logits = torch.einsum("bhgd,bhsd->bhgs", q, keys) * scale
+    if lengths is not None:
+        lengths = torch.as_tensor(lengths, device=keys.device)
+        mask = torch.arange(seq, device=keys.device)[None, :] >= lengths[:, None]
+        logits = logits.masked_fill(mask[:, None, None, :], -math.inf)
+    return torch.einsum("bhgs,bhsd->bhgd", torch.softmax(logits, -1), values).reshape(query.shape)
+
+
+# --- OpenCL ---------------------------------------------------------------------------
+
+class OpenCLPageSparse:
+    """Steps as OpenCL kernels (fpga_kernels/page_sparse.cl), with a fused relevancy+top-k
+    used when relevancy and retrieval share a device. Storage is half for float16 keys,
+    float otherwise; compute is float32."""
+
+    def __init__(self, method: PageSparseAttention):
+        self.method = method
+
+    def _program(self, dev, head_dim: int, storage, group: int = 1):
+        from . import _page_sparse_cl as kernels
+
+        defines = kernels.defines(head_dim, group, self.method.page_size, self.method.budget_pages,
+                                  np.dtype(storage) == np.float16)
+        return opencl.queue(dev), opencl.program(dev, kernels.KERNEL_FILE, defines), kernels
+
+    def _host_filled(self, dev, shape, dtype, fill_summary: bool):
+        """Initial contents built on the host and copied in: no generated kernels, so the
+        same path works on an FPGA that runs only its precompiled program."""
+        np_dtype = np.float16 if dtype == torch.float16 else np.float32
+        host = np.zeros(shape, dtype=np_dtype)
+        if fill_summary:
+            host[:, :, :, 0] = np.inf
+            host[:, :, :, 1] = -np.inf
+        return opencl.cla.to_device(opencl.queue(dev), host)
+
+    def empty_summary(self, dev, shape, dtype):
+        return self._host_filled(dev, shape, dtype, True), []
+
+    def empty_cache(self, dev, shape, dtype):
+        return self._host_filled(dev, shape, dtype, False), []
+
+    def _grow(self, dev, old, new_len, fill_summary):
+        shape = (*old.shape[:2], new_len, *old.shape[3:])
+        grown = self._host_filled(dev, shape, torch.float16 if old.dtype == np.float16 else torch.float32, fill_summary)
+        rows = old.shape[0] * old.shape[1]
+        old_row, new_row = old.nbytes // rows, grown.nbytes // rows
+        evt = opencl.cl.enqueue_copy(opencl.queue(dev), grown.data, old.data, src_origin=(0, 0, 0),
+                                     dst_origin=(0, 0, 0), region=(old_row, rows, 1),
+                                     src_pitches=(old_row, 0), dst_pitches=(new_row, 0))
+        return grown, [evt]
+
+    def grow_summary(self, dev, summary, pages):
+        return self._grow(dev, summary, pages, True)
+
+    def grow_cache(self, dev, cache, tokens):
+        return self._grow(dev, cache, tokens, False)
+
+    def minmax_delta(self, dev, keys, start, count, n_local):
+        q, prg, kernels = self._program(dev, keys.shape[-1], keys.dtype)
+        return kernels.minmax_delta(q, prg, keys, _ints(q, start), _ints(q, count), n_local)
+
+    def merge_summary(self, dev, summary, delta, start):
+        q, prg, kernels = self._program(dev, summary.shape[-1], summary.dtype)
+        return None, kernels.merge_summary(q, prg, summary, delta, _ints(q, start))
+
+    def store_tokens(self, dev, cache, new, start, count):
+        q, prg, kernels = self._program(dev, cache.shape[-1], cache.dtype)
+        return None, kernels.store_tokens(q, prg, cache, new, _ints(q, start), _ints(q, count))
+
+    def relevancy(self, dev, summary, query, lengths, n_pages):
+        q, prg, kernels = self._program(dev, summary.shape[-1], summary.dtype, query.shape[1] // summary.shape[1])
+        return kernels.relevancy(q, prg, summary, _f32(query), lengths, n_pages)
+
+    def retrieval(self, dev, scores, lengths, k, sink_pages, local_pages):
+        q, prg, kernels = self._program(dev, 1, np.float32)
+        return kernels.retrieval(q, prg, scores, lengths, k, sink_pages, local_pages)
+
+    def relevancy_retrieval(self, dev, summary, query, lengths, n_pages, k, sink_pages, local_pages):
+        q, prg, kernels = self._program(dev, summary.shape[-1], summary.dtype, query.shape[1] // summary.shape[1])
+        return kernels.relevancy_retrieval(q, prg, summary, _f32(query), lengths, n_pages, k, sink_pages, local_pages)
+
+    def sparse_attention(self, dev, k_cache, v_cache, query, page_ids, lengths, scale):
+        q, prg, kernels = self._program(dev, k_cache.shape[-1], k_cache.dtype, query.shape[1] // k_cache.shape[1])
+        return kernels.sparse_attention(q, prg, k_cache, v_cache, _f32(query), page_ids, lengths, scale)
+
+
+def _ints(queue, values) -> "opencl.cla.Array":
+    return opencl.cla.to_device(queue, np.ascontiguousarray(values, dtype=np.int32))
+
+
+def _f32(array):
+    """Kernels read float32 queries; other dtypes are converted through the host."""
+    if array.dtype == np.float32:
+        return array
+    return opencl.cla.to_device(array.queue, array.get().astype(np.float32))

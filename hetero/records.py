@@ -1,0 +1,97 @@
+"""What a pipeline call did: one record per step execution and per device crossing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class Timing:
+    """When a call or transfer ran. `source` names the clock: 'opencl-event' and
+    'cuda-event' are device timestamps, 'host-clock' is perf_counter around a synchronous
+    call. Device timestamps are resolved lazily, so recording costs nothing on the hot path."""
+
+    source: str
+    wall_s: float
+    host_start_ns: int
+    _resolve: Callable[[], float] | None = field(default=None, repr=False)
+    _device_s: float | None = field(default=None, repr=False)
+
+    @property
+    def seconds(self) -> float:
+        """Device time where the backend has timestamps, else the host-measured time."""
+        if self._device_s is None:
+            self._device_s = self._resolve() if self._resolve is not None else self.wall_s
+        return self._device_s
+
+
+@dataclass
+class StepRecord:
+    step: str  # prepare / relevancy / retrieval / apply, or "relevancy+retrieval" when fused
+    op: str  # the implementation's operation name
+    device: str
+    timing: Timing
+
+    @property
+    def seconds(self) -> float:
+        return self.timing.seconds
+
+
+@dataclass
+class TransferRecord:
+    what: str
+    src: str
+    dst: str
+    nbytes: int
+    timing: Timing
+
+    @property
+    def seconds(self) -> float:
+        return self.timing.seconds
+
+
+@dataclass
+class RunRecord:
+    """Everything one `prepare`, `append` or `step` call did, in order."""
+
+    call: str
+    steps: list[StepRecord] = field(default_factory=list)
+    transfers: list[TransferRecord] = field(default_factory=list)
+    wall_s: float = 0.0
+    artifacts: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def step_seconds(self) -> float:
+        return sum(r.seconds for r in self.steps)
+
+    @property
+    def transfer_seconds(self) -> float:
+        return sum(t.seconds for t in self.transfers)
+
+    @property
+    def transfer_bytes(self) -> int:
+        return sum(t.nbytes for t in self.transfers)
+
+    def by_step(self) -> dict[str, float]:
+        """Seconds per step name (operations of one step summed)."""
+        out: dict[str, float] = {}
+        for r in self.steps:
+            out[r.step] = out.get(r.step, 0.0) + r.seconds
+        return out
+
+    def artifact(self, name: str):
+        """An intermediate result the method kept (e.g. "page_ids"), as a CPU torch tensor."""
+        from .backends import backend_of_value
+
+        value = self.artifacts[name]
+        backend = backend_of_value(value)
+        return backend.download(value)[0] if backend is not None else value
+
+    def rows(self) -> list[dict]:
+        """One dict per record, steps and transfers, for tables and JSON."""
+        rows = [dict(kind="step", name=f"{r.step}:{r.op}", device=r.device, seconds=r.seconds,
+                     nbytes=0, clock=r.timing.source) for r in self.steps]
+        rows += [dict(kind="transfer", name=t.what, device=f"{t.src} -> {t.dst}", seconds=t.seconds,
+                      nbytes=t.nbytes, clock=t.timing.source) for t in self.transfers]
+        return rows

@@ -1,0 +1,219 @@
+"""The pipeline runtime: a method bound to a placement.
+
+A method describes *what* its four steps compute and in which order (its `prepare`,
+`append` and `step` flows call `Run.run(step, op, *args)`); the placement says *where* each
+step runs; the backends say *how* values are stored, moved and timed. The runtime moves a
+value only when the step that reads it is placed on another device, and records every step
+execution and every crossing.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from typing import Mapping
+
+import torch
+
+from .backends import BACKENDS, backend_of_value, torch_backend
+from .devices import Device, devices, get_device
+from .records import RunRecord, StepRecord, TransferRecord
+
+
+class Step(str, Enum):
+    """The four memory-processing steps every long-context method shares."""
+
+    PREPARE = "prepare"
+    RELEVANCY = "relevancy"
+    RETRIEVAL = "retrieval"
+    APPLY = "apply"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+STEPS = tuple(Step)
+
+
+class PlacementError(ValueError):
+    """A placement that cannot run: unknown step, device absent, or no implementation."""
+
+
+class Placement(Mapping):
+    """Step -> Device, validated against what the method implements on each backend."""
+
+    def __init__(self, assignment: dict[Step, Device]):
+        self._by_step = {s: assignment[s] for s in STEPS}
+
+    @classmethod
+    def resolve(cls, method, placement) -> "Placement":
+        if isinstance(placement, Placement):
+            assignment = dict(placement._by_step)
+        elif placement is None:
+            cuda = [d for d in devices() if d.backend == "torch" and d.kind == "gpu"]
+            target = cuda[0] if cuda else get_device("torch:cpu")
+            assignment = {s: target for s in STEPS}
+        elif placement == "auto":
+            raise PlacementError("placement='auto' needs the cost-based placer, which this version does not have yet; "
+                                 "pass a device id (e.g. 'torch:cpu') or a {step: device} dict")
+        elif isinstance(placement, (str, Device)):
+            target = get_device(placement)
+            assignment = {s: target for s in STEPS}
+        elif isinstance(placement, Mapping):
+            assignment = {}
+            for key, dev in placement.items():
+                try:
+                    step = Step(str(key))
+                except ValueError:
+                    raise PlacementError(f"placement has unknown step {key!r}; steps are {[s.value for s in STEPS]}") from None
+                assignment[step] = get_device(dev)
+            missing = [s.value for s in STEPS if s not in assignment]
+            if missing:
+                raise PlacementError(f"placement is missing steps {missing}; give every step a device, "
+                                     f"or one device id for all")
+        else:
+            raise PlacementError(f"placement must be a device id, a hetero.Device, a {{step: device}} dict or None; "
+                                 f"got {type(placement).__name__}")
+        reasons = [f"{s.value} on {d.id}: {r}" for s, d in assignment.items()
+                   for r in method.why_not(s, d)]
+        if reasons:
+            raise PlacementError(f"{method.name} cannot run this placement:\n  " + "\n  ".join(reasons))
+        return cls(assignment)
+
+    def __getitem__(self, step) -> Device:
+        return self._by_step[Step(step)]
+
+    def __iter__(self):
+        return iter(self._by_step)
+
+    def __len__(self) -> int:
+        return len(self._by_step)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Placement) and all(self[s].id == other[s].id for s in STEPS)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self[s].id for s in STEPS))
+
+    @property
+    def devices(self) -> list[Device]:
+        """The distinct devices used, in step order."""
+        seen: dict[str, Device] = {}
+        for d in self._by_step.values():
+            seen.setdefault(d.id, d)
+        return list(seen.values())
+
+    def __repr__(self) -> str:
+        if len(self.devices) == 1:
+            return f"Placement(all={self.devices[0].id})"
+        return "Placement(" + ", ".join(f"{s.value}={d.id}" for s, d in self._by_step.items()) + ")"
+
+
+class Run:
+    """The context a method's flow runs in: executes ops on placed devices, moves values,
+    and fills one RunRecord."""
+
+    def __init__(self, method, placement: Placement, call: str):
+        self.method = method
+        self.placement = placement
+        self.record = RunRecord(call)
+        self._moved: dict[tuple[int, str], tuple] = {}
+
+    def device(self, step: Step) -> Device:
+        return self.placement[step]
+
+    def fused(self, first: Step, second: Step, op: str) -> bool:
+        """True when both steps sit on one device whose backend implements the fused op."""
+        dev = self.placement[first]
+        return dev.id == self.placement[second].id and hasattr(self.method.impl(dev.backend), op)
+
+    def run(self, step: Step, op: str, *args, label: str | None = None):
+        """Run `op` of the implementation on `step`'s device; device values among `args` are
+        moved there first. Returns the result, resident on that device."""
+        dev = self.placement[step]
+        args = [self.to(dev, a) for a in args]
+        fn = getattr(self.method.impl(dev.backend), op)
+        result, timing = BACKENDS[dev.backend].call(dev, fn, args)
+        self.record.steps.append(StepRecord(label or step.value, op, dev.id, timing))
+        return result
+
+    def to(self, dev: Device, value, what: str = ""):
+        """`value` resident on `dev`: unchanged if it is already there (or not a device value),
+        else copied, through host memory when no direct path exists, each hop recorded."""
+        src = backend_of_value(value)
+        if src is None or src.device_id(value) == dev.id:
+            return value
+        key = (id(value), dev.id)
+        if key in self._moved:  # e.g. the query, read by two steps on one device
+            return self._moved[key][1]
+        what = what or f"{tuple(value.shape)} {value.dtype}"
+        moved = value
+        if src is not torch_backend:  # device -> host
+            host_id = src.device_id(value)
+            moved, timing = src.download(value)
+            self.record.transfers.append(TransferRecord(what, host_id, "torch:cpu", src.nbytes(value), timing))
+        if not (dev.backend == "torch" and torch_backend.device_id(moved) == dev.id):  # host -> device
+            dst = BACKENDS[dev.backend]
+            from_id = torch_backend.device_id(moved)
+            nbytes = torch_backend.nbytes(moved)
+            moved, timing = dst.upload(moved, dev)
+            self.record.transfers.append(TransferRecord(what, from_id, dev.id, nbytes, timing))
+        self._moved[key] = (value, moved)  # holding `value` keeps its id from being reused
+        return moved
+
+    def to_torch(self, value, device: torch.device):
+        """Bring a result back to the caller's torch device."""
+        return self.to(get_device(torch_backend.id_of(device)), value)
+
+
+class Pipeline:
+    """A method bound to a placement.
+
+    >>> pipe = hetero.Pipeline(PageSparseAttention(), placement={"prepare": "torch:cpu",
+    ...     "relevancy": "opencl:0:0", "retrieval": "opencl:0:0", "apply": "torch:cpu"})
+    >>> memory = pipe.prepare(keys, values)
+    >>> out = pipe.step(query, memory)
+    >>> pipe.last_run.rows()
+    """
+
+    def __init__(self, method, placement=None):
+        self.method = method
+        self.placement = Placement.resolve(method, placement)
+        self.last_run: RunRecord | None = None
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.method!r}, {self.placement!r})"
+
+    def _call(self, name: str, flow, *args, **kwargs):
+        run = Run(self.method, self.placement, name)
+        start = time.perf_counter()
+        result = flow(run, *args, **kwargs)
+        run.record.wall_s = time.perf_counter() - start
+        self.last_run = run.record
+        return result
+
+    def prepare(self, *inputs, **options):
+        """Build the memory (e.g. keys, values) and keep each part resident on the device of
+        the step that reads it."""
+        memory = self._call("prepare", self.method.prepare, *inputs, **options)
+        memory.placement = self.placement
+        return memory
+
+    def append(self, memory, *inputs, **options):
+        """Extend `memory` by new entries without rebuilding it. A failed append leaves the
+        memory as it was."""
+        self._check_memory(memory)
+        return self._call("append", self.method.append, memory, *inputs, **options)
+
+    def step(self, query, memory):
+        """relevancy -> retrieval -> apply for one query; returns a tensor on the query's device."""
+        self._check_memory(memory)
+        return self._call("step", self.method.step, query, memory)
+
+    def _check_memory(self, memory) -> None:
+        placement = getattr(memory, "placement", None)
+        if placement is None or not isinstance(memory, self.method.memory_type):
+            raise ValueError(f"memory must come from this pipeline's prepare(); got {type(memory).__name__}")
+        if placement != self.placement:
+            raise ValueError(f"memory was prepared for {placement!r}, but this pipeline runs {self.placement!r}; "
+                             f"prepare it again with this pipeline")
