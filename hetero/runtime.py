@@ -163,6 +163,8 @@ class Run:
 
     def to_torch(self, value, device: torch.device):
         """Bring a result back to the caller's torch device."""
+        if isinstance(value, torch.Tensor) and value.device == device:
+            return value
         return self.to(get_device(torch_backend.id_of(device)), value)
 
 
@@ -212,6 +214,8 @@ class Pipeline:
 
     def _check_memory(self, memory) -> None:
         placement = getattr(memory, "placement", None)
+        if placement is self.placement:
+            return
         if placement is None or not isinstance(memory, self.method.memory_type):
             raise ValueError(f"memory must come from this pipeline's prepare(); got {type(memory).__name__}")
         if placement != self.placement:

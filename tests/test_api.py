@@ -227,3 +227,50 @@ def test_single_token_memory():
     pipe = hetero.Pipeline(PageSparseAttention(), CPU)
     out = pipe.step(query, pipe.prepare(keys, values))
     torch.testing.assert_close(out, values[:, :, 0].expand_as(out))
+
+
+# --- OpenCL programs --------------------------------------------------------------------
+
+def test_programs_are_built_once_per_device_and_defines(opencl_device):
+    from hetero.backends import opencl
+
+    dev = hetero.get_device(opencl_device)
+    first = opencl.program(dev, "calibrate.cl", {"UNUSED": 1})
+    assert opencl.program(dev, "calibrate.cl", {"UNUSED": 1}) is first
+    assert opencl.program(dev, "calibrate.cl", {"UNUSED": 2}) is not first
+
+
+def test_binary_only_device_loads_precompiled_programs(opencl_device, tmp_path):
+    """The FPGA path: no source compile, programs come from <kernel>-<defines>.<ext> files."""
+    from hetero.backends import opencl
+
+    dev = hetero.get_device(opencl_device)
+    method = PageSparseAttention(page_size=8, budget_pages=2, local_pages=1)
+    keys, values = kv(dim=16)
+    query = torch.randn(1, 4, 16)
+    expected = hetero.Pipeline(method, CPU).step(query, hetero.Pipeline(method, CPU).prepare(keys, values))
+    try:
+        opencl.use_binaries(tmp_path, devices=[opencl_device])
+        pipe = hetero.Pipeline(method, opencl_device)
+        with pytest.raises(FileNotFoundError, match="no precompiled program page_sparse-"):
+            pipe.prepare(keys, values)
+        from hetero.methods import _page_sparse_cl as kernels
+
+        for group, dim in ((1, 16), (2, 16)):
+            opencl.export_binary(dev, kernels.KERNEL_FILE, kernels.defines(dim, group, 8, 2, False), tmp_path)
+        out = pipe.step(query, pipe.prepare(keys, values))
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    finally:
+        opencl.use_binaries(None)
+
+
+def test_binary_only_device_without_directory_explains(opencl_device, monkeypatch):
+    from hetero.backends import opencl
+
+    monkeypatch.delenv("HETERO_FPGA_BINARY_DIR", raising=False)
+    try:
+        opencl.use_binaries(None, devices=[opencl_device])
+        with pytest.raises(RuntimeError, match="HETERO_FPGA_BINARY_DIR"):
+            opencl.program(hetero.get_device(opencl_device), "calibrate.cl", {})
+    finally:
+        opencl.use_binaries(None)

@@ -219,6 +219,22 @@ def call(device: Device, fn, args):
     return result, Timing("opencl-event", wall, start, _span(events) if events else None)
 
 
+def copy_bandwidth(device: Device, nbytes: int = 256 << 20, repeats: int = 10) -> float:
+    """Measured copy bandwidth in bytes/s, read + write counted (median of `repeats` runs of
+    a float16-vector copy kernel, timed with profiling events)."""
+    q = queue(device)
+    n = nbytes // 64
+    src = cla.zeros(q, n * 16, np.float32)
+    dst = cla.empty_like(src)
+    kernel = program(device, "calibrate.cl", {}).copy_f16
+    times = []
+    for _ in range(repeats + 1):
+        evt = kernel(q, (n,), None, src.data, dst.data)
+        evt.wait()
+        times.append((evt.profile.end - evt.profile.start) / 1e9)
+    return 2 * n * 64 / float(np.median(times[1:]))
+
+
 def _span(events):
     """Device seconds from the first event's start to the last one's end."""
     def resolve() -> float:

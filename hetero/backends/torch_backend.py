@@ -86,6 +86,21 @@ def call(device: Device, fn, args):
     return result, Timing("host-clock", (end - start) / 1e9, start)
 
 
+def copy_bandwidth(device: Device, nbytes: int = 256 << 20, repeats: int = 10) -> float:
+    """Measured copy bandwidth in bytes/s, read + write counted (median of `repeats`)."""
+    src = torch.zeros(nbytes // 4, dtype=torch.float32, device=device.handle)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 1):
+        _sync(device.handle)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device.handle)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return 2 * nbytes / times[1:][len(times[1:]) // 2]
+
+
 def _sync(*devices: torch.device) -> None:
     for d in devices:
         if d.type == "cuda":
