@@ -310,19 +310,18 @@ inline void block_scores(const __global store_t *row, const int p0, const int la
 
 /* delta[b,h,j] = elementwise min / max of the NEW tokens in absolute page
  * start[b]/PAGE_SIZE + j (+INF / -INF where the page gets none). The new tokens of
- * sequence b are keys_new[b,:,0:cnt], cnt = count[b] if has_count else n_new.
+ * sequence b are keys_new[b,:,0:count[b]].
  * Global size (n_local, heads, batch); one work-item per (local page, head, sequence). */
 __kernel void minmax_delta(const __global store_t *keys_new, /* [B,H,n_new,D] */
                            const __global int *start,        /* [B] */
-                           const __global int *count,        /* [B], read if has_count */
-                           const int has_count,
+                           const __global int *count,        /* [B] */
                            const int heads, const int n_new, const int n_local,
                            __global store_t *delta) /* [B,H,n_local,2,D] */
 {
     const int j = get_global_id(0), h = get_global_id(1), b = get_global_id(2);
     if (j >= n_local)
         return;
-    const int cnt = has_count ? min(count[b], n_new) : n_new;
+    const int cnt = min(count[b], n_new);
     const int st = start[b];
     /* new-token index of the page's first slot (may be negative: slot before start) */
     const int n0 = (st / PAGE_SIZE + j) * PAGE_SIZE - st;
@@ -375,18 +374,17 @@ __kernel void merge_summary(__global store_t *summary,      /* [B,H,p_cap,2,D] *
     }
 }
 
-/* cache[b,h,start[b]+n] = new[b,h,n] for n < cnt (count[b] if has_count, else n_new):
+/* cache[b,h,start[b]+n] = new[b,h,n] for n < count[b]:
  * append into a capacity-padded KV cache.
  * Global size (n_new, heads, batch). Rows past s_cap are skipped. */
 __kernel void store_tokens(__global store_t *cache,       /* [B,H,s_cap,D] */
                            const __global store_t *newt,  /* [B,H,n_new,D] */
                            const __global int *start,     /* [B] */
-                           const __global int *count,     /* [B], read if has_count */
-                           const int has_count,
+                           const __global int *count,     /* [B] */
                            const int heads, const int s_cap, const int n_new)
 {
     const int n = get_global_id(0), h = get_global_id(1), b = get_global_id(2);
-    if (n >= n_new || (has_count && n >= count[b]))
+    if (n >= n_new || n >= count[b])
         return;
     const int pos = start[b] + n;
     if (pos >= s_cap)

@@ -168,8 +168,8 @@ def chunking(request, monkeypatch):
 
 @HYP
 @given(name=st.sampled_from(SMALL), batch=st.integers(1, 3), heads=st.integers(1, 3),
-       with_count=st.booleans(), data=st.data())
-def test_minmax_delta_merge_summary_store_tokens(queue, name, batch, heads, with_count, data):
+       data=st.data())
+def test_minmax_delta_merge_summary_store_tokens(queue, name, batch, heads, data):
     """Appending n_new tokens (or, with per-sequence counts, count[b] <= n_new of them):
     the merged summary equals the reference page_minmax of the longer sequences, and the
     cache holds the tokens at their absolute positions."""
@@ -179,11 +179,8 @@ def test_minmax_delta_merge_summary_store_tokens(queue, name, batch, heads, with
     start = np.array(data.draw(st.lists(st.integers(0, 6 * page_size), min_size=batch,
                                         max_size=batch)), np.int32)
     n_new = data.draw(st.integers(1, 3 * page_size))
-    if with_count:
-        count = np.array(data.draw(st.lists(st.integers(0, n_new), min_size=batch,
-                                            max_size=batch)), np.int32)
-    else:
-        count = np.full(batch, n_new, np.int32)
+    count = np.array(data.draw(st.lists(st.integers(0, n_new), min_size=batch,
+                                        max_size=batch)), np.int32)
     s_cap = int(start.max()) + n_new + data.draw(st.integers(0, 2 * page_size))
     p_cap = R.num_pages(s_cap, page_size) + data.draw(st.integers(0, 2))
     keys = rand(rng, (batch, heads, s_cap, head_dim), dt)
@@ -192,10 +189,7 @@ def test_minmax_delta_merge_summary_store_tokens(queue, name, batch, heads, with
     summary = dev(queue, summary_of(keys, start, page_size, p_cap, dt))
     d_start, d_count = dev(queue, start), dev(queue, count)
     n_local = max(R.num_pages(s % page_size + n_new, page_size) for s in start)
-    if with_count:  # the runtime's call form
-        delta, ev1 = L.minmax_delta(queue, prg, dev(queue, keys_new), d_start, d_count, n_local)
-    else:
-        delta, ev1 = L.minmax_delta(queue, prg, dev(queue, keys_new), d_start, n_local)
+    delta, ev1 = L.minmax_delta(queue, prg, dev(queue, keys_new), d_start, d_count, n_local)
     check_events(ev1)
     assert delta.shape == (batch, heads, n_local, 2, head_dim) and delta.dtype == dt
     d = delta.get()
@@ -212,10 +206,7 @@ def test_minmax_delta_merge_summary_store_tokens(queue, name, batch, heads, with
     for b in range(batch):
         cache_np[b, :, start[b]:] = rand(rng, cache_np[b, :, start[b]:].shape, dt)
     cache = dev(queue, cache_np)
-    if with_count:
-        ev3 = L.store_tokens(queue, prg, cache, dev(queue, keys_new), d_start, d_count)
-    else:
-        ev3 = L.store_tokens(queue, prg, cache, dev(queue, keys_new), d_start)
+    ev3 = L.store_tokens(queue, prg, cache, dev(queue, keys_new), d_start, d_count)
     check_events(ev3)
     got = cache.get()
     for b in range(batch):

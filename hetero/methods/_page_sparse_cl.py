@@ -39,9 +39,9 @@ _B = None  # buffer argument
 _I = np.int32
 _F = np.float32
 _ARG_TYPES = {
-    "minmax_delta": [_B, _B, _B, _I, _I, _I, _I, _B],
+    "minmax_delta": [_B, _B, _B, _I, _I, _I, _B],
     "merge_summary": [_B, _B, _B, _I, _I, _I],
-    "store_tokens": [_B, _B, _B, _B, _I, _I, _I, _I],
+    "store_tokens": [_B, _B, _B, _B, _I, _I, _I],
     "relevancy": [_B, _B, _B, _I, _I, _I, _I, _B],
     "topk_partial": [_B, _B, _I, _I, _I, _I, _I, _I, _B, _B],
     "relevancy_topk_partial": [_B, _B, _B, _I, _I, _I, _I, _I, _I, _B, _B],
@@ -121,23 +121,17 @@ def _chunking(queue, rows: int, n_pages: int) -> tuple[int, int]:
 # summary maintenance and cache append
 # --------------------------------------------------------------------------------------
 
-def minmax_delta(queue, prg, keys_new, start, count=None, n_local=None):
+def minmax_delta(queue, prg, keys_new, start, count, n_local):
     """delta T[B,H,n_local,2,D]: per local page j (absolute page start[b]//PAGE_SIZE + j),
-    min / max over the new tokens in that page (+inf / -inf where none).
-
-    Call as ``minmax_delta(queue, prg, keys_new, start, n_local)``, or with per-sequence
-    new-token counts as ``minmax_delta(queue, prg, keys_new, start, count, n_local)``
-    (count: int32 [B], only keys_new[b, :, :count[b]] are new; the runtime's form)."""
-    if n_local is None:  # the 5-argument form: the fifth is n_local
-        count, n_local = None, count
+    min / max over the new tokens keys_new[b, :, :count[b]] in that page (+inf / -inf
+    where none)."""
     batch, heads, n_new, dim = keys_new.shape
     n_local = int(n_local)
     delta = cla.empty(queue, (batch, heads, n_local, 2, dim), keys_new.dtype)
     if n_local == 0 or batch * heads == 0:
         return delta, []
     evt = _run(queue, prg, "minmax_delta", (n_local, heads, batch), None,
-               (keys_new.data, start.data, (count if count is not None else start).data,
-                int(count is not None), heads, n_new, n_local, delta.data),
+               (keys_new.data, start.data, count.data, heads, n_new, n_local, delta.data),
                _events_of(keys_new, start, count), (delta,))
     return delta, [evt]
 
@@ -155,16 +149,15 @@ def merge_summary(queue, prg, summary, delta, start):
     return [evt]
 
 
-def store_tokens(queue, prg, cache, new, start, count=None):
-    """In place: cache[b,h,start[b]+n,:] = new[b,h,n,:] for n < count[b] (all of `new`
-    without count; rows past capacity skipped)."""
+def store_tokens(queue, prg, cache, new, start, count):
+    """In place: cache[b,h,start[b]+n,:] = new[b,h,n,:] for n < count[b] (rows past
+    capacity skipped)."""
     batch, heads, s_cap = cache.shape[:3]
     n_new = new.shape[2]
     if n_new == 0 or batch * heads == 0:
         return []
     evt = _run(queue, prg, "store_tokens", (n_new, heads, batch), None,
-               (cache.data, new.data, start.data, (count if count is not None else start).data,
-                int(count is not None), heads, s_cap, n_new),
+               (cache.data, new.data, start.data, count.data, heads, s_cap, n_new),
                _events_of(cache, new, start, count), (cache,))
     return [evt]
 
