@@ -50,7 +50,12 @@ def dense_variants(keys, values, query):
     def sdpa_gqa():
         return F.scaled_dot_product_attention(query[:, :, None], keys, values, enable_gqa=True)
 
-    return {"einsum_gqa": lambda: dense_attention(keys, values, query), "matmul_gqa": matmul_gqa, "sdpa_gqa": sdpa_gqa}
+    def einsum_gqa():
+        w = torch.softmax(torch.einsum("bhgd,bhsd->bhgs", q4, keys) * scale, -1)
+        return torch.einsum("bhgs,bhsd->bhgd", w, values)
+
+    return {"einsum_gqa": einsum_gqa, "matmul_gqa": matmul_gqa, "sdpa_enable_gqa": sdpa_gqa,
+            "sdpa_grouped (hetero.methods.dense_attention)": lambda: dense_attention(keys, values, query)}
 
 
 def bench_placement(name, placement, method, keys, values, query, repeats):

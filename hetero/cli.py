@@ -49,7 +49,7 @@ def cmd_demo(args) -> int:
         ok &= r.needle_found and match
         table.add_row("", "[bold]step total (wall)[/]", verdict, f"[bold]{r.step_ms:.2f}[/]",
                       f"max err {r.max_error:.1e}" + ("" if match else " [red]MISMATCH[/]"), end_section=True)
-    table.add_row("dense attention (torch, GQA einsum)", "", "torch:cpu", f"{dense_ms:.2f}", "")
+    table.add_row("dense attention (torch SDPA, grouped GQA)", "", "torch:cpu", f"{dense_ms:.2f}", "")
     console.print(table)
     best = min(results, key=lambda r: r.step_ms)
     console.print(f"needle token {needle} (page {needle // config['page_size']}); fastest placement: {best.name} "

@@ -169,8 +169,9 @@ def test_full_budget_equals_dense_attention(placement, group):
     method = PageSparseAttention(page_size=16, budget_pages=ref.num_pages(333, 16))
     pipe = hetero.Pipeline(method, placement)
     out = pipe.step(query, pipe.prepare(keys, values, lengths=lengths))
-    dense = dense_attention(keys, values, query, torch.tensor(lengths))
-    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+    dense = ref.dense_attention(keys.numpy(), values.numpy(), query.numpy(), lengths, 1 / math.sqrt(64))
+    np.testing.assert_allclose(out.numpy(), dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dense_attention(keys, values, query, lengths), out, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("placement", placements())
@@ -179,7 +180,8 @@ def test_sink_and_local_covering_everything(placement):
     method = PageSparseAttention(page_size=16, budget_pages=4, sink_pages=2, local_pages=2)
     pipe = hetero.Pipeline(method, placement)
     out = pipe.step(query, pipe.prepare(keys, values))
-    torch.testing.assert_close(out, dense_attention(keys, values, query), rtol=1e-5, atol=1e-5)
+    dense = ref.dense_attention(keys.numpy(), values.numpy(), query.numpy(), [64], 1 / math.sqrt(16))
+    np.testing.assert_allclose(out.numpy(), dense, rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_placements_agree_with_single_device():

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..backends import opencl
 from ..runtime import Run, Step
@@ -377,12 +378,13 @@ class TorchPageSparse:
         v_sel = v_cache.view(-1, page, dim).index_select(0, flat).view(batch, heads, k * page, dim)
         pos = page_ids.long()[..., None] * page + torch.arange(page, device=k_cache.device)
         valid = (page_ids[..., None] >= 0) & (pos < lengths.long()[:, None, None, None])
-        q = query.reshape(batch, heads, -1, dim)
         if k_sel.dtype != torch.float32 and k_sel.device.type == "cpu":
             k_sel, v_sel = k_sel.float(), v_sel.float()
-        logits = torch.matmul(q.to(k_sel.dtype), k_sel.transpose(-1, -2)).float() * scale
-        logits.masked_fill_(~valid.view(batch, heads, 1, k * page), -math.inf)
-        out = torch.matmul(torch.softmax(logits, -1).to(v_sel.dtype), v_sel)
+        # the G query heads of a KV group act as G query rows against that head's tokens:
+        # GQA without repeating K/V, and one fused kernel (faster than matmul-softmax-matmul)
+        q = query.reshape(batch, heads, -1, dim).to(k_sel.dtype)
+        out = F.scaled_dot_product_attention(q, k_sel, v_sel, attn_mask=valid.view(batch, heads, 1, k * page),
+                                             scale=scale)
         return out.reshape(query.shape).float()
 
 
@@ -397,17 +399,16 @@ def _pages_of(lengths, page_size: int):
 
 
 def dense_attention(keys, values, query, lengths=None, scale=None):
-    """The dense baseline: GQA-aware attention over every valid token, one decode token
-    (the fastest dense form on CPU; see bench/sparse_attention.py)."""
+    """The dense baseline: attention of one decode token over every valid token. A KV
+    group's query heads are the query rows of one SDPA call, so GQA needs no repeated K/V
+    (the fastest dense form on CPU in bench/sparse_attention.py)."""
     batch, heads, seq, dim = keys.shape
-    scale = scale if scale is not None else 1.0 / math.sqrt(dim)
     q = query.reshape(batch, heads, -1, dim)
-    logits = torch.einsum("bhgd,bhsd->bhgs", q, keys) * scale
+    mask = None
     if lengths is not None:
         lengths = torch.as_tensor(lengths, device=keys.device)
-        mask = torch.arange(seq, device=keys.device)[None, :] >= lengths[:, None]
-        logits = logits.masked_fill(mask[:, None, None, :], -math.inf)
-    return torch.einsum("bhgs,bhsd->bhgd", torch.softmax(logits, -1), values).reshape(query.shape)
+        mask = (torch.arange(seq, device=keys.device)[None, :] < lengths[:, None])[:, None, None, :]
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale).reshape(query.shape)
 
 
 # --- OpenCL ---------------------------------------------------------------------------
