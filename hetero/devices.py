@@ -2,6 +2,7 @@
 
     torch:cpu, torch:cuda:0, ...      torch backend
     opencl:<platform>:<device>        every OpenCL device (PoCL's CPU device after install)
+    host                              the CPU through the C++ host shim
 
 Discovery never fails because one backend is missing: a backend that cannot be loaded
 contributes no devices and says why in `hetero.devices(verbose=True)` / `backend_problems()`.
@@ -45,10 +46,10 @@ _problems: dict[str, str] = {}
 
 @functools.lru_cache(maxsize=1)
 def _discover() -> tuple[Device, ...]:
-    from .backends import opencl, torch_backend
+    from .backends import BACKENDS
 
     found: list[Device] = []
-    for backend in (torch_backend, opencl):
+    for backend in BACKENDS.values():
         try:
             found.extend(backend.discover())
         except Exception as exc:  # a broken backend must not take the others down

@@ -149,17 +149,22 @@ class Run:
         what = what or f"{tuple(value.shape)} {value.dtype}"
         moved = value
         if src is not torch_backend:  # device -> host
-            host_id = src.device_id(value)
+            src_id = src.device_id(value)
             moved, timing = src.download(value)
-            self.record.transfers.append(TransferRecord(what, host_id, "torch:cpu", src.nbytes(value), timing))
+            self._record(what, src_id, "torch:cpu", src, src.nbytes(value), timing)
         if not (dev.backend == "torch" and torch_backend.device_id(moved) == dev.id):  # host -> device
             dst = BACKENDS[dev.backend]
             from_id = torch_backend.device_id(moved)
             nbytes = torch_backend.nbytes(moved)
             moved, timing = dst.upload(moved, dev)
-            self.record.transfers.append(TransferRecord(what, from_id, dev.id, nbytes, timing))
+            self._record(what, from_id, dev.id, dst if from_id == "torch:cpu" else None, nbytes, timing)
         self._moved[key] = (value, moved)  # holding `value` keeps its id from being reused
         return moved
+
+    def _record(self, what, src_id, dst_id, cpu_peer, nbytes, timing):
+        if getattr(cpu_peer, "SHARES_CPU_MEMORY", False):
+            nbytes = 0  # the host backend and torch:cpu view the same memory
+        self.record.transfers.append(TransferRecord(what, src_id, dst_id, nbytes, timing))
 
     def to_torch(self, value, device: torch.device):
         """Bring a result back to the caller's torch device."""

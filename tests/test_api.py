@@ -24,7 +24,7 @@ def test_devices_have_stable_ids_kinds_and_backends():
     ids = [d.id for d in found]
     assert CPU in ids and len(set(ids)) == len(ids)
     for d in found:
-        assert d.backend in ("torch", "opencl")
+        assert d.backend in ("torch", "opencl", "host")
         assert d.kind in ("cpu", "gpu", "fpga", "accelerator")
         assert hetero.get_device(d.id) is d
     assert [d.id for d in hetero.devices()] == ids

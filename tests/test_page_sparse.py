@@ -31,6 +31,11 @@ def placements():
             "cl-alternating": {"prepare": cl, "relevancy": CPU, "retrieval": cl, "apply": CPU},
         }
         out += [pytest.param(p, id=name) for name, p in mixed.items()]
+    if "host" in device_ids():
+        mixed = {"host-relevancy+retrieval": {"prepare": "host", "relevancy": "host", "retrieval": "host", "apply": CPU}}
+        for cl in device_ids("opencl")[:1]:  # three devices, every crossing a different pair
+            mixed["host-cl-torch"] = {"prepare": cl, "relevancy": "host", "retrieval": cl, "apply": "host"}
+        out += [pytest.param(p, id=name) for name, p in mixed.items()]
     return out
 
 

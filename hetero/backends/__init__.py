@@ -7,9 +7,9 @@ download(value), nbytes(value) and call(device, fn, args) -> (result, Timing).
 
 from __future__ import annotations
 
-from . import opencl, torch_backend
+from . import host, opencl, torch_backend
 
-BACKENDS = {m.NAME: m for m in (torch_backend, opencl)}
+BACKENDS = {m.NAME: m for m in (torch_backend, opencl, host)}
 
 
 def backend_of_value(value):

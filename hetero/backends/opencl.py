@@ -19,6 +19,7 @@ import torch
 
 from ..devices import Device
 from ..records import Timing
+from . import host
 
 try:  # the backend is optional: without pyopencl, hetero keeps working on torch
     import pyopencl as cl
@@ -178,10 +179,14 @@ def nbytes(value) -> int:
 
 
 def _host_array(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes in host memory: a view when it is already a contiguous CPU array,
+    else copied into a pooled staging buffer (the host-staged path from a GPU)."""
     tensor = tensor.detach()
-    if tensor.dtype == torch.bfloat16:  # OpenCL has no bfloat16; float32 holds it exactly
-        tensor = tensor.float()
-    return tensor.cpu().contiguous().numpy()
+    if tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.dtype != torch.bfloat16:
+        return tensor.numpy()
+    out = host.staging(tuple(tensor.shape), host.numpy_dtype(tensor.dtype))  # bfloat16 -> float32, exact
+    torch.from_numpy(out).copy_(tensor)
+    return out
 
 
 def upload(tensor: torch.Tensor, device: Device):
@@ -200,15 +205,16 @@ def upload(tensor: torch.Tensor, device: Device):
 
 
 def download(value):
-    """Copy a device array into a CPU torch tensor (waits for it); returns (tensor, Timing)."""
+    """Copy a device array into a pooled staging buffer seen as a CPU torch tensor (waits for
+    it); returns (tensor, Timing)."""
     start = time.perf_counter_ns()
-    host = np.empty(value.shape, value.dtype)
-    if host.size:
-        evt = cl.enqueue_copy(value.queue, host, value.data, wait_for=value.events, is_blocking=True)
+    out = host.staging(value.shape, value.dtype)
+    if out.size:
+        evt = cl.enqueue_copy(value.queue, out, value.data, wait_for=value.events, is_blocking=True)
         timing = Timing("opencl-event", (time.perf_counter_ns() - start) / 1e9, start, _span([evt]))
     else:
         timing = Timing("host-clock", (time.perf_counter_ns() - start) / 1e9, start)
-    return torch.from_numpy(host), timing
+    return torch.from_numpy(out), timing
 
 
 def call(device: Device, fn, args):

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backends import opencl
+from ..backends import host, opencl
+from ..devices import get_device
 from ..runtime import Run, Step
 from .base import Method
 
@@ -115,7 +116,8 @@ class PageSparseAttention(Method):
         if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
         self.scale = scale
-        self.implementations = {"torch": TorchPageSparse(self), "opencl": OpenCLPageSparse(self)}
+        self.implementations = {"torch": TorchPageSparse(self), "opencl": OpenCLPageSparse(self),
+                                "host": HostPageSparse(self)}
 
     def __repr__(self) -> str:
         return (f"PageSparseAttention(page_size={self.page_size}, budget_pages={self.budget_pages}, "
@@ -166,14 +168,15 @@ class PageSparseAttention(Method):
         return memory
 
     def _write(self, run, memory, keys, values, summary, k_cache, v_cache, count):
-        start = memory.lengths
-        n_local = int(((start % self.page_size + count + self.page_size - 1) // self.page_size).max())
-        delta = run.run(Step.PREPARE, "minmax_delta", keys, start, count, n_local)
+        n_local = int(((memory.lengths % self.page_size + count + self.page_size - 1) // self.page_size).max())
+        # per-sequence offsets travel as tuples: host metadata, never moved as device values
+        start, counts = tuple(memory.lengths.tolist()), tuple(count.tolist())
+        delta = run.run(Step.PREPARE, "minmax_delta", keys, start, counts, n_local)
         run.run(Step.RELEVANCY, "merge_summary", summary, delta, start, label="prepare")
-        run.run(Step.APPLY, "store_tokens", k_cache, keys, start, count, label="prepare")
-        run.run(Step.APPLY, "store_tokens", v_cache, values, start, count, label="prepare")
+        run.run(Step.APPLY, "store_tokens", k_cache, keys, start, counts, label="prepare")
+        run.run(Step.APPLY, "store_tokens", v_cache, values, start, counts, label="prepare")
         memory.summary, memory.k_cache, memory.v_cache = summary, k_cache, v_cache
-        memory.lengths = start + count
+        memory.lengths = memory.lengths + count
         memory._lengths_on.clear()
 
     def step(self, run: Run, query, memory: PageSparseMemory):
@@ -500,3 +503,92 @@ def _f32(array):
     if array.dtype == np.float32:
         return array
     return opencl.cla.to_device(array.queue, array.get().astype(np.float32))
+
+
+# --- host (C++ shim) ------------------------------------------------------------------
+
+class HostPageSparse:
+    """The CPU through the C++ shim: relevancy, top-k and their fusion, the page gather of
+    apply and the append scatter run multi-threaded with the GIL released. Elementwise
+    memory upkeep (min/max summaries, growing) runs as torch ops on zero-copy views of the
+    same host arrays."""
+
+    def __init__(self, method: PageSparseAttention):
+        self.method = method
+        self.torch = TorchPageSparse(method)
+        self.cpu = get_device("torch:cpu")
+
+    def _alloc(self, shape, dtype, fill_summary: bool):
+        out = host.staging(shape, host.numpy_dtype(dtype))
+        view = torch.from_numpy(out)
+        if fill_summary:
+            view[:, :, :, 0] = math.inf
+            view[:, :, :, 1] = -math.inf
+        else:
+            view.zero_()
+        return out
+
+    def empty_summary(self, dev, shape, dtype):
+        return self._alloc(shape, dtype, True)
+
+    def empty_cache(self, dev, shape, dtype):
+        return self._alloc(shape, dtype, False)
+
+    def _grow(self, old, length, fill_summary):
+        grown = self._alloc((*old.shape[:2], length, *old.shape[3:]), torch.from_numpy(old).dtype, fill_summary)
+        grown[:, :, : old.shape[2]] = old
+        return grown
+
+    def grow_summary(self, dev, summary, pages):
+        return self._grow(summary, pages, True)
+
+    def grow_cache(self, dev, cache, tokens):
+        return self._grow(cache, tokens, False)
+
+    def minmax_delta(self, dev, keys, start, count, n_local):
+        return self.torch.minmax_delta(self.cpu, torch.from_numpy(keys), start, count, n_local).numpy()
+
+    def merge_summary(self, dev, summary, delta, start):
+        self.torch.merge_summary(self.cpu, torch.from_numpy(summary), torch.from_numpy(delta), start)
+
+    def store_tokens(self, dev, cache, new, start, count):
+        # every sequence's whole slice of `new` is written: slots past count[b] lie past that
+        # sequence's length (and within capacity), where nothing reads them
+        host._host.scatter_tokens(cache, np.ascontiguousarray(new), np.asarray(start, dtype=np.int64))
+
+    def relevancy(self, dev, summary, query, lengths, n_pages):
+        return host._host.page_scores(summary, _as_f32(query), lengths, n_pages, self.method.page_size)
+
+    def retrieval(self, dev, scores, lengths, k, sink_pages, local_pages, shape=None):
+        """Forced pages raised to +inf, the shim's top-k (ties -> lower index), then ids in
+        ascending order with pages past a sequence's end as -1 padding."""
+        batch, heads, n = scores.shape
+        n_pages = (lengths.astype(np.int64) + self.method.page_size - 1) // self.method.page_size
+        page = np.arange(n)
+        forced = ((page < sink_pages) | (page >= (n_pages - local_pages)[:, None])) & (page < n_pages[:, None])
+        ranked = np.where(forced[:, None, :], np.float32(np.inf), scores).reshape(batch * heads, n)
+        ids = np.sort(host._host.topk(np.ascontiguousarray(ranked, np.float32), k)[1], axis=-1).reshape(batch, heads, k)
+        return np.where(ids < n_pages[:, None, None], ids, -1).astype(np.int32)
+
+    def relevancy_retrieval(self, dev, summary, query, lengths, n_pages, k, sink_pages, local_pages):
+        return host._host.page_topk(summary, _as_f32(query), lengths, n_pages, self.method.page_size, k,
+                                    sink_pages, local_pages)
+
+    def sparse_attention(self, dev, k_cache, v_cache, query, page_ids, lengths, scale):
+        """The shim gathers the selected pages into pooled buffers; attention over them is
+        one SDPA call on zero-copy views."""
+        page = self.method.page_size
+        k_sel = torch.from_numpy(host._host.gather_pages(k_cache, page_ids, page))
+        v_sel = torch.from_numpy(host._host.gather_pages(v_cache, page_ids, page))
+        ids = torch.from_numpy(page_ids).long()
+        pos = ids[..., None] * page + torch.arange(page)
+        valid = (ids[..., None] >= 0) & (pos < torch.from_numpy(lengths).long()[:, None, None, None])
+        batch, heads, tokens, dim = k_sel.shape
+        q = torch.from_numpy(_as_f32(query)).reshape(batch, heads, -1, dim)
+        out = F.scaled_dot_product_attention(q, k_sel.float(), v_sel.float(),
+                                             attn_mask=valid.view(batch, heads, 1, tokens), scale=scale)
+        return out.reshape(query.shape).numpy()
+
+
+def _as_f32(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=np.float32)
