@@ -44,6 +44,7 @@ class Placement(Mapping):
 
     def __init__(self, assignment: dict[Step, Device]):
         self._by_step = {s: assignment[s] for s in STEPS}
+        self._dispatch: dict[int, tuple] = {}
 
     @classmethod
     def resolve(cls, method, placement) -> "Placement":
@@ -81,7 +82,7 @@ class Placement(Mapping):
         return cls(assignment)
 
     def __getitem__(self, step) -> Device:
-        return self._by_step[Step(step)]
+        return self._by_step[step if type(step) is Step else Step(step)]
 
     def __iter__(self):
         return iter(self._by_step)
@@ -94,6 +95,14 @@ class Placement(Mapping):
 
     def __hash__(self) -> int:
         return hash(tuple(self[s].id for s in STEPS))
+
+    def dispatch(self, method) -> dict:
+        """step -> (device, backend module, method implementation), cached per method."""
+        cached = self._dispatch.get(id(method))
+        if cached is None or cached[0] is not method:
+            table = {s: (d, BACKENDS[d.backend], method.impl(d.backend)) for s, d in self._by_step.items()}
+            cached = self._dispatch[id(method)] = (method, table)
+        return cached[1]
 
     @property
     def devices(self) -> list[Device]:
@@ -109,6 +118,9 @@ class Placement(Mapping):
         return "Placement(" + ", ".join(f"{s.value}={d.id}" for s, d in self._by_step.items()) + ")"
 
 
+_HOST_SCALARS = (int, float, bool, tuple, str, type(None))
+
+
 class Run:
     """The context a method's flow runs in: executes ops on placed devices, moves values,
     and fills one RunRecord."""
@@ -118,31 +130,37 @@ class Run:
         self.placement = placement
         self.record = RunRecord(call)
         self._moved: dict[tuple[int, str], tuple] = {}
+        # per step: (device, backend module, implementation), resolved once per placement
+        self._dispatch = placement.dispatch(method)
 
     def device(self, step: Step) -> Device:
-        return self.placement[step]
+        return self._dispatch[step][0]
 
     def fused(self, first: Step, second: Step, op: str) -> bool:
         """True when both steps sit on one device whose backend implements the fused op."""
-        dev = self.placement[first]
-        return dev.id == self.placement[second].id and hasattr(self.method.impl(dev.backend), op)
+        dev, _, impl = self._dispatch[first]
+        return dev is self._dispatch[second][0] and hasattr(impl, op)
 
     def run(self, step: Step, op: str, *args, label: str | None = None):
         """Run `op` of the implementation on `step`'s device; device values among `args` are
         moved there first. Returns the result, resident on that device."""
-        dev = self.placement[step]
-        args = [self.to(dev, a) for a in args]
-        fn = getattr(self.method.impl(dev.backend), op)
-        result, timing = BACKENDS[dev.backend].call(dev, fn, args)
+        dev, backend, impl = self._dispatch[step]
+        args = [a if type(a) in _HOST_SCALARS else self.to(dev, a) for a in args]
+        result, timing = backend.call(dev, getattr(impl, op), args)
         self.record.steps.append(StepRecord(label or step.value, op, dev.id, timing))
         return result
 
     def to(self, dev: Device, value, what: str = ""):
         """`value` resident on `dev`: unchanged if it is already there (or not a device value),
         else copied, through host memory when no direct path exists, each hop recorded."""
-        src = backend_of_value(value)
-        if src is None or src.device_id(value) == dev.id:
-            return value
+        if isinstance(value, torch.Tensor):  # fast path: this runs for most arguments of every op
+            if dev.backend == "torch" and value.device == dev.handle:
+                return value
+            src = torch_backend
+        else:
+            src = backend_of_value(value)
+            if src is None or src.resides_on(value, dev):
+                return value
         key = (id(value), dev.id)
         if key in self._moved:  # e.g. the query, read by two steps on one device
             return self._moved[key][1]

@@ -1,7 +1,8 @@
 """One module per backend: discovery, placing data on a device, timing a call.
 
 Each backend module exposes the same small interface (see `torch_backend` for the
-simplest one): NAME, discover(), holds(value), device_id(value), upload(tensor, device),
+simplest one): NAME, discover(), holds(value), device_id(value), resides_on(value, device),
+upload(tensor, device),
 download(value), nbytes(value) and call(device, fn, args) -> (result, Timing).
 """
 

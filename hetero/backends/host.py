@@ -56,6 +56,10 @@ def device_id(value) -> str:
     return "host"
 
 
+def resides_on(value, device: Device) -> bool:
+    return device.backend == NAME
+
+
 def nbytes(value) -> int:
     return value.nbytes
 

@@ -174,6 +174,11 @@ def device_id(value) -> str:
     return _ids_by_ptr[value.queue.device.int_ptr]
 
 
+def resides_on(value, device: Device) -> bool:
+    st = _states.get(device.id)
+    return st is not None and value.queue is st.queue
+
+
 def nbytes(value) -> int:
     return value.nbytes
 

@@ -36,6 +36,10 @@ def device_id(value: torch.Tensor) -> str:
     return id_of(value.device)
 
 
+def resides_on(value: torch.Tensor, device: Device) -> bool:
+    return device.backend == NAME and value.device == device.handle
+
+
 def id_of(device: torch.device) -> str:
     if device.type == "cuda":
         return f"torch:cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
@@ -65,8 +69,7 @@ def nbytes(value: torch.Tensor) -> int:
 
 def call(device: Device, fn, args):
     """Run fn(device, *args); returns (result, Timing)."""
-    handle = device.handle
-    if handle.type == "cuda":
+    if device.kind == "gpu":
         begin = torch.cuda.Event(enable_timing=True)
         end_evt = torch.cuda.Event(enable_timing=True)
         host_start = time.perf_counter_ns()

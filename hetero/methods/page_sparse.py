@@ -47,6 +47,7 @@ class PageSparseMemory:
     k_cache: object
     v_cache: object
     placement: object = None
+    max_length: int = 0
     _lengths_on: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -177,12 +178,13 @@ class PageSparseAttention(Method):
         run.run(Step.APPLY, "store_tokens", v_cache, values, start, counts, label="prepare")
         memory.summary, memory.k_cache, memory.v_cache = summary, k_cache, v_cache
         memory.lengths = memory.lengths + count
+        memory.max_length = int(memory.lengths.max())
         memory._lengths_on.clear()
 
     def step(self, run: Run, query, memory: PageSparseMemory):
         """One decode token's query [B, Hq, D] -> attention output [B, Hq, D] on its device."""
         _check_query(query, memory)
-        n_pages = -(-int(memory.lengths.max()) // self.page_size)
+        n_pages = -(-memory.max_length // self.page_size)
         k = min(self.budget_pages, n_pages)
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(memory.head_dim)
         if run.fused(Step.RELEVANCY, Step.RETRIEVAL, "relevancy_retrieval"):
@@ -198,7 +200,8 @@ class PageSparseAttention(Method):
         run.record.artifacts["page_ids"] = page_ids  # kept by reference: free unless read
         out = run.run(Step.APPLY, "sparse_attention", memory.k_cache, memory.v_cache, query, page_ids,
                       memory.lengths_for(run, Step.APPLY), scale)
-        return run.to_torch(out, query.device).to(query.dtype)
+        out = run.to_torch(out, query.device)
+        return out if out.dtype == query.dtype else out.to(query.dtype)
 
 
 # --- input checks ----------------------------------------------------------------------
@@ -226,7 +229,10 @@ def _check_tensor(name: str, value, rank: int, layout: str) -> None:
 
 def _check_finite(name: str, value: torch.Tensor) -> None:
     if value.device.type == "cpu" and value.dtype != torch.bfloat16:
-        finite = bool(np.isfinite(value.detach().numpy()).all())  # a third of torch's per-call cost
+        array = value.detach().numpy()
+        # one reduction decides the common case: a finite sum means every element is finite;
+        # a non-finite one (NaN/Inf inside, or an overflowing sum) gets the exact test
+        finite = bool(np.isfinite(array.sum())) or bool(np.isfinite(array).all())
     else:
         finite = bool(torch.isfinite(value).all())
     if not finite:
