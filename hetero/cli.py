@@ -42,15 +42,19 @@ def cmd_demo(args) -> int:
     ok = True
     for r in results:
         for i, (step, ms) in enumerate(r.per_step_ms.items()):
-            table.add_row(r.name if i == 0 else "", step, r.per_step_device.get(step, ""), f"{ms:.2f}", "")
+            table.add_row(r.name if i == 0 else "", step.replace("relevancy+retrieval", "rel+ret (fused)"),
+                          r.per_step_device.get(step, ""), f"{ms:.2f}", "")
         table.add_row("", "transfers", "", f"{r.transfer_ms:.2f}", f"{r.transfer_bytes:,}")
         verdict = "[green]needle found[/]" if r.needle_found else "[red]needle MISSED[/]"
         match = r.max_error < 1e-4
         ok &= r.needle_found and match
-        table.add_row("", "[bold]step total (wall)[/]", verdict, f"[bold]{r.step_ms:.2f}[/]",
+        table.add_row("", "[bold]step (wall)[/]", verdict, f"[bold]{r.step_ms:.2f}[/]",
                       f"max err {r.max_error:.1e}" + ("" if match else " [red]MISMATCH[/]"), end_section=True)
-    table.add_row("dense attention (torch SDPA, grouped GQA)", "", "torch:cpu", f"{dense_ms:.2f}", "")
+    table.add_row("dense", "SDPA, GQA", "torch:cpu", f"{dense_ms:.2f}", "")
     console.print(table)
+    mixed = next((r for r in results if r.name == "mixed"), None)
+    if mixed:
+        console.print(f"mixed = {mixed.placement}")
     best = min(results, key=lambda r: r.step_ms)
     console.print(f"needle token {needle} (page {needle // config['page_size']}); fastest placement: {best.name} "
                   f"{best.step_ms:.2f} ms, [bold]{dense_ms / best.step_ms:.1f}x[/] faster than dense attention "

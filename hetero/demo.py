@@ -53,7 +53,7 @@ def placements_present() -> dict[str, object]:
     torch_dev = next(d.id for d in present_devices() if d.backend == "torch")
     opencl = [d.id for d in present_devices() if d.backend == "opencl"]
     if opencl:
-        found[f"mixed ({opencl[0]} relevancy+retrieval)"] = {
+        found["mixed"] = {
             "prepare": torch_dev, "relevancy": opencl[0], "retrieval": opencl[0], "apply": torch_dev}
     return found
 

@@ -274,3 +274,19 @@ def test_binary_only_device_without_directory_explains(opencl_device, monkeypatc
             opencl.program(hetero.get_device(opencl_device), "calibrate.cl", {})
     finally:
         opencl.use_binaries(None)
+
+
+def test_transfers_through_host_memory_use_aligned_staging_buffers(opencl_device):
+    """An OpenCL result crossing to the CPU lands in a pooled 4 KiB-aligned buffer."""
+    from hetero.backends import host
+
+    if host._host is None:
+        pytest.skip("the C++ host shim is not built in this checkout (install with pip)")
+    keys, values = kv(dim=32)
+    placement = {"prepare": CPU, "relevancy": opencl_device, "retrieval": opencl_device, "apply": CPU}
+    pipe = hetero.Pipeline(PageSparseAttention(page_size=8, budget_pages=2, local_pages=1), placement)
+    pipe.step(torch.randn(1, 4, 32), pipe.prepare(keys, values))
+    before = host._host.default_pool().stats()
+    ids = pipe.last_run.artifact("page_ids")
+    assert ids.data_ptr() % 4096 == 0
+    assert host._host.default_pool().stats()["in_use_buffers"] == before["in_use_buffers"] + 1
