@@ -94,31 +94,19 @@ typedef vecf __attribute__((aligned(4))) vecf_u;
 #define SENT_SCORE (-INFINITY)
 #define SENT_ID 0x7fffffff
 
-/* Horizontal sum of a vecf; fixed pairwise order so every kernel that scores a page
- * gets bit-identical results (fused and unfused retrieval must agree exactly). */
-inline float hsum(vecf v)
-{
-#if VW == 16
-    float8 s8 = v.lo + v.hi;
-#elif VW == 8
-    float8 s8 = v;
-#endif
-#if VW >= 8
-    float4 s4 = s8.lo + s8.hi;
-#elif VW == 4
-    float4 s4 = v;
-#endif
-#if VW >= 4
-    float2 s2 = s4.lo + s4.hi;
-#elif VW == 2
-    float2 s2 = v;
-#endif
-#if VW >= 2
-    return s2.x + s2.y;
-#else
-    return v;
-#endif
-}
+/* Horizontal reductions in a fixed pairwise order (halves first), so every kernel that
+ * scores a page gets bit-identical results (fused and unfused retrieval must agree
+ * exactly). reduce_sumW / reduce_maxW take a floatW; hsum picks the width of vecf. */
+#define DEFINE_REDUCE(NAME, OP)                                                      \
+    inline float CAT(NAME, 1)(float v) { return v; }                                 \
+    inline float CAT(NAME, 2)(float2 v) { return OP(v.x, v.y); }                     \
+    inline float CAT(NAME, 4)(float4 v) { return CAT(NAME, 2)(OP(v.lo, v.hi)); }     \
+    inline float CAT(NAME, 8)(float8 v) { return CAT(NAME, 4)(OP(v.lo, v.hi)); }     \
+    inline float CAT(NAME, 16)(float16 v) { return CAT(NAME, 8)(OP(v.lo, v.hi)); }
+#define ADD(a, b) ((a) + (b))
+DEFINE_REDUCE(reduce_sum, ADD)
+DEFINE_REDUCE(reduce_max, max)
+#define hsum CAT(reduce_sum, VW)
 
 inline int pages_of(int length) { return (length + PAGE_SIZE - 1) / PAGE_SIZE; }
 
@@ -627,53 +615,8 @@ typedef CAT(float, TOKV) tokv;
 #define VSTORE_TOK(x, i, p) CAT(vstore, TOKV)((x), (i), (p))
 #endif
 
-inline float tok_max(tokv x)
-{
-#if TOKV == 16
-    float8 x8 = max(x.lo, x.hi);
-#elif TOKV == 8
-    float8 x8 = x;
-#endif
-#if TOKV >= 8
-    float4 x4 = max(x8.lo, x8.hi);
-#elif TOKV == 4
-    float4 x4 = x;
-#endif
-#if TOKV >= 4
-    float2 x2 = max(x4.lo, x4.hi);
-#elif TOKV == 2
-    float2 x2 = x;
-#endif
-#if TOKV >= 2
-    return max(x2.x, x2.y);
-#else
-    return x;
-#endif
-}
-
-inline float tok_sum(tokv x)
-{
-#if TOKV == 16
-    float8 x8 = x.lo + x.hi;
-#elif TOKV == 8
-    float8 x8 = x;
-#endif
-#if TOKV >= 8
-    float4 x4 = x8.lo + x8.hi;
-#elif TOKV == 4
-    float4 x4 = x;
-#endif
-#if TOKV >= 4
-    float2 x2 = x4.lo + x4.hi;
-#elif TOKV == 2
-    float2 x2 = x;
-#endif
-#if TOKV >= 2
-    return x2.x + x2.y;
-#else
-    return x;
-#endif
-}
+#define tok_max CAT(reduce_max, TOKV)
+#define tok_sum CAT(reduce_sum, TOKV)
 
 #if VW == 16
 /* One level of a transposed reduction: lanes of the result are pairwise sums of a's lanes
