@@ -97,10 +97,10 @@ class Placement(Mapping):
         return hash(tuple(self[s].id for s in STEPS))
 
     def dispatch(self, method) -> dict:
-        """step -> (device, backend module, method implementation), cached per method."""
+        """step -> (device, backend module, method implementation, step name), cached per method."""
         cached = self._dispatch.get(id(method))
         if cached is None or cached[0] is not method:
-            table = {s: (d, BACKENDS[d.backend], method.impl(d.backend)) for s, d in self._by_step.items()}
+            table = {s: (d, BACKENDS[d.backend], method.impl(d.backend), s.value) for s, d in self._by_step.items()}
             cached = self._dispatch[id(method)] = (method, table)
         return cached[1]
 
@@ -125,12 +125,13 @@ class Run:
     """The context a method's flow runs in: executes ops on placed devices, moves values,
     and fills one RunRecord."""
 
-    def __init__(self, method, placement: Placement, call: str):
+    def __init__(self, method, placement: Placement, call: str, validate: bool = True):
         self.method = method
+        self.validate = validate  # False: skip NaN/Inf scans of per-step inputs
         self.placement = placement
         self.record = RunRecord(call)
         self._moved: dict[tuple[int, str], tuple] = {}
-        # per step: (device, backend module, implementation), resolved once per placement
+        # per step: (device, backend module, implementation, name), resolved once per placement
         self._dispatch = placement.dispatch(method)
 
     def device(self, step: Step) -> Device:
@@ -138,16 +139,16 @@ class Run:
 
     def fused(self, first: Step, second: Step, op: str) -> bool:
         """True when both steps sit on one device whose backend implements the fused op."""
-        dev, _, impl = self._dispatch[first]
+        dev, _, impl, _ = self._dispatch[first]
         return dev is self._dispatch[second][0] and hasattr(impl, op)
 
     def run(self, step: Step, op: str, *args, label: str | None = None):
         """Run `op` of the implementation on `step`'s device; device values among `args` are
         moved there first. Returns the result, resident on that device."""
-        dev, backend, impl = self._dispatch[step]
+        dev, backend, impl, name = self._dispatch[step]
         args = [a if type(a) in _HOST_SCALARS else self.to(dev, a) for a in args]
         result, timing = backend.call(dev, getattr(impl, op), args)
-        self.record.steps.append(StepRecord(label or step.value, op, dev.id, timing))
+        self.record.steps.append(StepRecord(label or name, op, dev.id, timing))
         return result
 
     def to(self, dev: Device, value, what: str = ""):
@@ -194,6 +195,10 @@ class Run:
 class Pipeline:
     """A method bound to a placement.
 
+    `validate=False` skips the NaN/Inf scans of each step's query and each append's new
+    entries (shape, dtype and device checks always run; `prepare` always scans): on a
+    2-core machine those scans are most of the runtime's per-step cost.
+
     >>> pipe = hetero.Pipeline(PageSparseAttention(), placement={"prepare": "torch:cpu",
     ...     "relevancy": "opencl:0:0", "retrieval": "opencl:0:0", "apply": "torch:cpu"})
     >>> memory = pipe.prepare(keys, values)
@@ -201,16 +206,17 @@ class Pipeline:
     >>> pipe.last_run.rows()
     """
 
-    def __init__(self, method, placement=None):
+    def __init__(self, method, placement=None, validate: bool = True):
         self.method = method
         self.placement = Placement.resolve(method, placement)
+        self.validate = bool(validate)
         self.last_run: RunRecord | None = None
 
     def __repr__(self) -> str:
         return f"Pipeline({self.method!r}, {self.placement!r})"
 
     def _call(self, name: str, flow, *args, **kwargs):
-        run = Run(self.method, self.placement, name)
+        run = Run(self.method, self.placement, name, self.validate)
         start = time.perf_counter()
         result = flow(run, *args, **kwargs)
         run.record.wall_s = time.perf_counter() - start

@@ -290,3 +290,23 @@ def test_transfers_through_host_memory_use_aligned_staging_buffers(opencl_device
     ids = pipe.last_run.artifact("page_ids")
     assert ids.data_ptr() % 4096 == 0
     assert host._host.default_pool().stats()["in_use_buffers"] == before["in_use_buffers"] + 1
+
+
+def test_validate_false_skips_only_the_value_scans(monkeypatch):
+    from hetero.methods import page_sparse
+
+    keys, values = kv()
+    pipe = hetero.Pipeline(PageSparseAttention(page_size=8, budget_pages=2, local_pages=1), CPU, validate=False)
+    memory = pipe.prepare(keys, values)
+    scanned = []
+    monkeypatch.setattr(page_sparse, "_check_finite", lambda name, value: scanned.append(name))
+    pipe.step(torch.randn(1, 4, 16), memory)
+    pipe.append(memory, *kv(seq=1, seed=2))
+    assert scanned == []
+    pipe.prepare(keys, values)
+    assert scanned == ["keys", "values"]
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="multiple of the memory's kv_heads"):
+        pipe.step(torch.randn(1, 3, 16), memory)  # shape checks still run
+    with pytest.raises(ValueError, match="keys contains NaN"):  # prepare always scans
+        pipe.prepare(torch.full_like(keys, float("nan")), values)

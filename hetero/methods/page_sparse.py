@@ -149,7 +149,7 @@ class PageSparseAttention(Method):
     def append(self, run: Run, memory: PageSparseMemory, keys, values) -> PageSparseMemory:
         """Extend every sequence by keys/values [B, H, n, D], updating the partial last page's
         summary in place. Everything is checked before anything changes."""
-        batch, heads, n, dim = _check_kv(keys, values, allow_empty=True)
+        batch, heads, n, dim = _check_kv(keys, values, allow_empty=True, scan_values=run.validate)
         if (batch, heads, dim) != (memory.batch, memory.kv_heads, memory.head_dim):
             raise ValueError(f"keys must be [{memory.batch}, {memory.kv_heads}, n, {memory.head_dim}] like the memory, "
                              f"got {list(keys.shape)}")
@@ -183,7 +183,7 @@ class PageSparseAttention(Method):
 
     def step(self, run: Run, query, memory: PageSparseMemory):
         """One decode token's query [B, Hq, D] -> attention output [B, Hq, D] on its device."""
-        _check_query(query, memory)
+        _check_query(query, memory, scan_values=run.validate)
         n_pages = -(-memory.max_length // self.page_size)
         k = min(self.budget_pages, n_pages)
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(memory.head_dim)
@@ -239,7 +239,7 @@ def _check_finite(name: str, value: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-def _check_kv(keys, values, allow_empty: bool = False):
+def _check_kv(keys, values, allow_empty: bool = False, scan_values: bool = True):
     layout = "[batch, kv_heads, seq, head_dim]"
     _check_tensor("keys", keys, 4, layout)
     _check_tensor("values", values, 4, layout)
@@ -254,8 +254,9 @@ def _check_kv(keys, values, allow_empty: bool = False):
         raise ValueError(f"keys must have batch, kv_heads and head_dim >= 1, got shape {list(keys.shape)}")
     if seq == 0 and not allow_empty:
         raise ValueError("keys hold no tokens (seq = 0): an empty memory cannot be prepared")
-    _check_finite("keys", keys)
-    _check_finite("values", values)
+    if scan_values:
+        _check_finite("keys", keys)
+        _check_finite("values", values)
     return batch, heads, seq, dim
 
 
@@ -270,7 +271,7 @@ def _check_lengths(lengths, batch: int, seq: int) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _check_query(query, memory: PageSparseMemory) -> None:
+def _check_query(query, memory: PageSparseMemory, scan_values: bool = True) -> None:
     _check_tensor("query", query, 3, "[batch, q_heads, head_dim]")
     batch, q_heads, dim = query.shape
     if batch != memory.batch or dim != memory.head_dim:
@@ -279,7 +280,8 @@ def _check_query(query, memory: PageSparseMemory) -> None:
     if q_heads == 0 or q_heads % memory.kv_heads:
         raise ValueError(f"query q_heads ({q_heads}) must be a positive multiple of the memory's kv_heads "
                          f"({memory.kv_heads})")
-    _check_finite("query", query)
+    if scan_values:
+        _check_finite("query", query)
 
 
 def _round_up(n: int, multiple: int) -> int:
