@@ -310,3 +310,12 @@ def test_validate_false_skips_only_the_value_scans(monkeypatch):
         pipe.step(torch.randn(1, 3, 16), memory)  # shape checks still run
     with pytest.raises(ValueError, match="keys contains NaN"):  # prepare always scans
         pipe.prepare(torch.full_like(keys, float("nan")), values)
+
+
+def test_placement_on_a_backend_without_the_step_gives_reasons():
+    method = PageSparseAttention()
+    del method.implementations["host"]
+    if "host" not in device_ids():
+        pytest.skip("no host device")
+    with pytest.raises(hetero.PlacementError, match="has no host implementation"):
+        hetero.Pipeline(method, "host")

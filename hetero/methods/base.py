@@ -29,16 +29,6 @@ class Method:
         """Reasons `step` cannot run on `device` (empty when it can)."""
         impl = self.implementations.get(device.backend)
         if impl is None:
-            have = sorted(b for b in self.implementations if self.why_not_backend(step, b) == [])
-            return [f"{self.name} has no {device.backend} implementation (it has {have} for {step.value})"]
-        return self.why_not_backend(step, device.backend) + list(getattr(impl, "why_not", lambda s, d: [])(step, device))
-
-    def why_not_backend(self, step: Step, backend: str) -> list[str]:
-        impl = self.implementations.get(backend)
-        if impl is None:
-            return [f"no {backend} implementation"]
+            return [f"{self.name} has no {device.backend} implementation (it has {sorted(self.implementations)})"]
         missing = [op for op in self.needs.get(step, ()) if not hasattr(impl, op)]
-        return [f"the {backend} implementation lacks {', '.join(missing)}"] if missing else []
-
-    def backends_for(self, step: Step) -> list[str]:
-        return [b for b in self.implementations if not self.why_not_backend(step, b)]
+        return [f"the {device.backend} implementation lacks {', '.join(missing)}"] if missing else []
