@@ -174,6 +174,18 @@ inline void topk_insert(TopK *t, const float s, const int id)
 
 /* Query of one KV head's GROUP query heads, split as relu(q) and min(q, 0): for min <= max,
  * max(q*min, q*max) == relu(q)*max + min(q,0)*min, which needs no compare per element. */
+/* A chunk's sorted candidates (the `need` best) out to global memory at offset o. */
+inline void topk_store(const TopK *t, const int need, __global float *cand_score, __global int *cand_id,
+                       const size_t o)
+{
+    for (int i = 0; i < K_MAX; ++i) {
+        if (i < need) {
+            cand_score[o + i] = topk_score(t, i);
+            cand_id[o + i] = topk_id(t, i);
+        }
+    }
+}
+
 inline void load_query_split(const __global float *q, vecf *qp, vecf *qn)
 {
 #pragma unroll
@@ -461,13 +473,7 @@ __kernel void topk_partial(const __global float *scores, /* [B,H,n_pages] */
         }
     }
 
-    const size_t o = ((size_t)(b * heads + h) * n_chunks + c) * need;
-    for (int i = 0; i < K_MAX; ++i) {
-        if (i < need) {
-            cand_score[o + i] = topk_score(&top, i);
-            cand_id[o + i] = topk_id(&top, i);
-        }
-    }
+    topk_store(&top, need, cand_score, cand_id, ((size_t)(b * heads + h) * n_chunks + c) * need);
 }
 
 /* FUSED relevancy + partial top-k: scores live only in registers, never in global memory.
@@ -508,13 +514,7 @@ __kernel void relevancy_topk_partial(const __global store_t *summary, /* [B,H,p_
         }
     }
 
-    const size_t o = ((size_t)(b * heads + h) * n_chunks + c) * need;
-    for (int i = 0; i < K_MAX; ++i) {
-        if (i < need) {
-            cand_score[o + i] = topk_score(&top, i);
-            cand_id[o + i] = topk_id(&top, i);
-        }
-    }
+    topk_store(&top, need, cand_score, cand_id, ((size_t)(b * heads + h) * n_chunks + c) * need);
 }
 
 /* Merge stage: per (b,h) row, the chunks' sorted candidate lists stream through one more
