@@ -44,7 +44,6 @@ class Placement(Mapping):
 
     def __init__(self, assignment: dict[Step, Device]):
         self._by_step = {s: assignment[s] for s in STEPS}
-        self._dispatch: dict[int, tuple] = {}
 
     @classmethod
     def resolve(cls, method, placement) -> "Placement":
@@ -97,12 +96,8 @@ class Placement(Mapping):
         return hash(tuple(self[s].id for s in STEPS))
 
     def dispatch(self, method) -> dict:
-        """step -> (device, backend module, method implementation, step name), cached per method."""
-        cached = self._dispatch.get(id(method))
-        if cached is None or cached[0] is not method:
-            table = {s: (d, BACKENDS[d.backend], method.impl(d.backend), s.value) for s, d in self._by_step.items()}
-            cached = self._dispatch[id(method)] = (method, table)
-        return cached[1]
+        """step -> (device, backend module, method implementation, step name)."""
+        return {s: (d, BACKENDS[d.backend], method.impl(d.backend), s.value) for s, d in self._by_step.items()}
 
     @property
     def devices(self) -> list[Device]:
@@ -125,14 +120,14 @@ class Run:
     """The context a method's flow runs in: executes ops on placed devices, moves values,
     and fills one RunRecord."""
 
-    def __init__(self, method, placement: Placement, call: str, validate: bool = True):
+    def __init__(self, method, placement: Placement, call: str, validate: bool = True, dispatch=None):
         self.method = method
         self.validate = validate  # False: skip NaN/Inf scans of per-step inputs
         self.placement = placement
         self.record = RunRecord(call)
         self._moved: dict[tuple[int, str], tuple] = {}
-        # per step: (device, backend module, implementation, name), resolved once per placement
-        self._dispatch = placement.dispatch(method)
+        # per step: (device, backend module, implementation, name); a Pipeline passes its own
+        self._dispatch = dispatch if dispatch is not None else placement.dispatch(method)
 
     def device(self, step: Step) -> Device:
         return self._dispatch[step][0]
@@ -154,14 +149,9 @@ class Run:
     def to(self, dev: Device, value, what: str = ""):
         """`value` resident on `dev`: unchanged if it is already there (or not a device value),
         else copied, through host memory when no direct path exists, each hop recorded."""
-        if isinstance(value, torch.Tensor):  # fast path: this runs for most arguments of every op
-            if dev.backend == "torch" and value.device == dev.handle:
-                return value
-            src = torch_backend
-        else:
-            src = backend_of_value(value)
-            if src is None or src.resides_on(value, dev):
-                return value
+        src = torch_backend if isinstance(value, torch.Tensor) else backend_of_value(value)
+        if src is None or src.resides_on(value, dev):
+            return value
         key = (id(value), dev.id)
         if key in self._moved:  # e.g. the query, read by two steps on one device
             return self._moved[key][1]
@@ -210,13 +200,14 @@ class Pipeline:
         self.method = method
         self.placement = Placement.resolve(method, placement)
         self.validate = bool(validate)
+        self._dispatch = self.placement.dispatch(method)
         self.last_run: RunRecord | None = None
 
     def __repr__(self) -> str:
         return f"Pipeline({self.method!r}, {self.placement!r})"
 
     def _call(self, name: str, flow, *args, **kwargs):
-        run = Run(self.method, self.placement, name, self.validate)
+        run = Run(self.method, self.placement, name, self.validate, self._dispatch)
         start = time.perf_counter()
         result = flow(run, *args, **kwargs)
         run.record.wall_s = time.perf_counter() - start

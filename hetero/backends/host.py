@@ -68,16 +68,21 @@ def nbytes(value) -> int:
 SHARES_CPU_MEMORY = True
 
 
-def upload(tensor: torch.Tensor, device: Device):
-    """A contiguous CPU tensor is viewed in place; anything else (a GPU tensor, a strided
-    or bfloat16 one) is copied into a staging array. Returns (array, Timing)."""
-    start = time.perf_counter_ns()
+def host_array(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's values in host memory: a view of a contiguous CPU tensor; anything else
+    (a GPU tensor, a strided or bfloat16 one) copied into a staging array."""
     tensor = tensor.detach()
     if tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.dtype != torch.bfloat16:
-        out = tensor.numpy()
-    else:
-        out = staging(tuple(tensor.shape), numpy_dtype(tensor.dtype))
-        torch.from_numpy(out).copy_(tensor)
+        return tensor.numpy()
+    out = staging(tuple(tensor.shape), numpy_dtype(tensor.dtype))  # bfloat16 -> float32, exact
+    torch.from_numpy(out).copy_(tensor)
+    return out
+
+
+def upload(tensor: torch.Tensor, device: Device):
+    """`host_array` of the tensor; returns (array, Timing)."""
+    start = time.perf_counter_ns()
+    out = host_array(tensor)
     end = time.perf_counter_ns()
     return out, Timing("host-clock", (end - start) / 1e9, start)
 
@@ -99,6 +104,7 @@ def call(device: Device, fn, args):
 
 def copy_bandwidth(device: Device, nbytes: int = 256 << 20, repeats: int = 10) -> float:
     """Measured copy bandwidth of host memory in bytes/s, read + write counted."""
+    from ..devices import get_device
     from . import torch_backend
 
-    return torch_backend.copy_bandwidth(Device("torch:cpu", "cpu", "torch", "", torch.device("cpu")), nbytes, repeats)
+    return torch_backend.copy_bandwidth(get_device("torch:cpu"), nbytes, repeats)

@@ -183,25 +183,14 @@ def nbytes(value) -> int:
     return value.nbytes
 
 
-def _host_array(tensor: torch.Tensor) -> np.ndarray:
-    """The tensor's bytes in host memory: a view when it is already a contiguous CPU array,
-    else copied into a pooled staging buffer (the host-staged path from a GPU)."""
-    tensor = tensor.detach()
-    if tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.dtype != torch.bfloat16:
-        return tensor.numpy()
-    out = host.staging(tuple(tensor.shape), host.numpy_dtype(tensor.dtype))  # bfloat16 -> float32, exact
-    torch.from_numpy(out).copy_(tensor)
-    return out
-
-
 def upload(tensor: torch.Tensor, device: Device):
     """Copy a torch tensor into a new device array; returns (array, Timing)."""
     q = queue(device)
     start = time.perf_counter_ns()
-    host = _host_array(tensor)
-    arr = cla.empty(q, host.shape, host.dtype)
-    if host.size:
-        evt = cl.enqueue_copy(q, arr.data, host, is_blocking=False)
+    staged = host.host_array(tensor)  # a GPU tensor is staged through host memory
+    arr = cla.empty(q, staged.shape, staged.dtype)
+    if staged.size:
+        evt = cl.enqueue_copy(q, arr.data, staged, is_blocking=False)
         arr.add_event(evt)
         timing = Timing("opencl-event", (time.perf_counter_ns() - start) / 1e9, start, _span([evt]))
     else:

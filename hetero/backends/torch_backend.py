@@ -6,6 +6,7 @@ CPU calls are synchronous and timed with the host clock.
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -100,8 +101,7 @@ def copy_bandwidth(device: Device, nbytes: int = 256 << 20, repeats: int = 10) -
         dst.copy_(src)
         _sync(device.handle)
         times.append(time.perf_counter() - start)
-    times.sort()
-    return 2 * nbytes / times[1:][len(times[1:]) // 2]
+    return 2 * nbytes / statistics.median(times[1:])  # the first copy is a warm-up
 
 
 def _sync(*devices: torch.device) -> None:

@@ -297,10 +297,7 @@ class TorchPageSparse:
         self.page_size = method.page_size
 
     def empty_summary(self, dev, shape, dtype):
-        summary = torch.empty(shape, dtype=dtype, device=dev.handle)
-        summary[:, :, :, 0] = math.inf  # the identities of min and max
-        summary[:, :, :, 1] = -math.inf
-        return summary
+        return _fill_summary(torch.empty(shape, dtype=dtype, device=dev.handle))
 
     def empty_cache(self, dev, shape, dtype):
         return torch.zeros(shape, dtype=dtype, device=dev.handle)
@@ -387,16 +384,30 @@ class TorchPageSparse:
         # whole pages are contiguous: index_select copies page-sized blocks
         k_sel = k_cache.view(-1, page, dim).index_select(0, flat).view(batch, heads, k * page, dim)
         v_sel = v_cache.view(-1, page, dim).index_select(0, flat).view(batch, heads, k * page, dim)
-        pos = page_ids.long()[..., None] * page + torch.arange(page, device=k_cache.device)
-        valid = (page_ids[..., None] >= 0) & (pos < lengths.long()[:, None, None, None])
-        if k_sel.dtype != torch.float32 and k_sel.device.type == "cpu":
-            k_sel, v_sel = k_sel.float(), v_sel.float()
-        # the G query heads of a KV group act as G query rows against that head's tokens:
-        # GQA without repeating K/V, and one fused kernel (faster than matmul-softmax-matmul)
-        q = query.reshape(batch, heads, -1, dim).to(k_sel.dtype)
-        out = F.scaled_dot_product_attention(q, k_sel, v_sel, attn_mask=valid.view(batch, heads, 1, k * page),
-                                             scale=scale)
-        return out.reshape(query.shape).float()
+        return _attend_pages(query, k_sel, v_sel, page_ids, lengths, page, scale)
+
+
+def _attend_pages(query, k_sel, v_sel, page_ids, lengths, page: int, scale: float):
+    """Attention over gathered pages k_sel/v_sel [B, H, k*page, D] (page i of a row holds
+    page_ids[..., i]); padding pages and tokens past a sequence's end are masked out. The G
+    query heads of a KV group are G query rows against that head's tokens: GQA without
+    repeated K/V, in one fused SDPA kernel (faster than matmul-softmax-matmul)."""
+    batch, heads, tokens, dim = k_sel.shape
+    ids = page_ids.long()
+    pos = ids[..., None] * page + torch.arange(page, device=k_sel.device)
+    valid = (ids[..., None] >= 0) & (pos < lengths.long()[:, None, None, None])
+    if k_sel.dtype != torch.float32 and k_sel.device.type == "cpu":
+        k_sel, v_sel = k_sel.float(), v_sel.float()
+    q = query.reshape(batch, heads, -1, dim).to(k_sel.dtype)
+    out = F.scaled_dot_product_attention(q, k_sel, v_sel, attn_mask=valid.view(batch, heads, 1, tokens), scale=scale)
+    return out.reshape(query.shape).float()
+
+
+def _fill_summary(summary):
+    """Every page empty: +inf mins and -inf maxes, the identities of min and max."""
+    summary[:, :, :, 0] = math.inf
+    summary[:, :, :, 1] = -math.inf
+    return summary
 
 
 def _merge_minmax(target, tokens) -> None:
@@ -529,11 +540,7 @@ class HostPageSparse:
     def _alloc(self, shape, dtype, fill_summary: bool):
         out = host.staging(shape, host.numpy_dtype(dtype))
         view = torch.from_numpy(out)
-        if fill_summary:
-            view[:, :, :, 0] = math.inf
-            view[:, :, :, 1] = -math.inf
-        else:
-            view.zero_()
+        _fill_summary(view) if fill_summary else view.zero_()
         return out
 
     def empty_summary(self, dev, shape, dtype):
@@ -588,14 +595,8 @@ class HostPageSparse:
         page = self.method.page_size
         k_sel = torch.from_numpy(host._host.gather_pages(k_cache, page_ids, page))
         v_sel = torch.from_numpy(host._host.gather_pages(v_cache, page_ids, page))
-        ids = torch.from_numpy(page_ids).long()
-        pos = ids[..., None] * page + torch.arange(page)
-        valid = (ids[..., None] >= 0) & (pos < torch.from_numpy(lengths).long()[:, None, None, None])
-        batch, heads, tokens, dim = k_sel.shape
-        q = torch.from_numpy(_as_f32(query)).reshape(batch, heads, -1, dim)
-        out = F.scaled_dot_product_attention(q, k_sel.float(), v_sel.float(),
-                                             attn_mask=valid.view(batch, heads, 1, tokens), scale=scale)
-        return out.reshape(query.shape).numpy()
+        return _attend_pages(torch.from_numpy(_as_f32(query)), k_sel, v_sel, torch.from_numpy(page_ids),
+                             torch.from_numpy(lengths), page, scale).numpy()
 
 
 def _as_f32(array: np.ndarray) -> np.ndarray:
