@@ -10,16 +10,21 @@
     memory = pipe.prepare(keys, values)   # [batch, kv_heads, seq, head_dim]
     out = pipe.step(query, memory)        # [batch, q_heads, head_dim]
     pipe.last_run.rows()                  # per-step device times and transfers
+
+    plan = hetero.place(PageSparseAttention(), dict(context=131072), devices=["model:mi210", "model:u55c"])
+    print(plan.explain())                 # where each step should run, and why
 """
 
 from . import methods
 from .devices import Device, DeviceNotFoundError, backend_problems, devices, get_device
 from .records import RunRecord, StepRecord, TransferRecord
 from .runtime import STEPS, Pipeline, Placement, PlacementError, Step
+from . import cost
+from .cost import place
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Device", "DeviceNotFoundError", "Pipeline", "Placement", "PlacementError", "RunRecord", "STEPS", "Step",
-    "StepRecord", "TransferRecord", "backend_problems", "devices", "get_device", "methods",
+    "StepRecord", "TransferRecord", "backend_problems", "cost", "devices", "get_device", "methods", "place",
 ]

@@ -3,6 +3,8 @@
     torch:cpu, torch:cuda:0, ...      torch backend
     opencl:<platform>:<device>        every OpenCL device (PoCL's CPU device after install)
     host                              the CPU through the C++ host shim
+    model:<profile>                   a modeled device: a profile with no hardware behind it,
+                                      run functionally on an emulator, timed by the cost model
 
 Discovery never fails because one backend is missing: a backend that cannot be loaded
 contributes no devices and says why in `hetero.devices(verbose=True)` / `backend_problems()`.
@@ -75,6 +77,8 @@ def get_device(device: "str | Device") -> Device:
         return device
     if not isinstance(device, str):
         raise TypeError(f"device must be a device id string or a hetero.Device, got {type(device).__name__}")
+    if device.startswith("model:"):
+        return modeled_device(device.removeprefix("model:"))
     present = _discover()
     for d in present:
         if d.id == device:
@@ -89,3 +93,20 @@ def get_device(device: "str | Device") -> Device:
     elif device.startswith("opencl"):
         hint = " (install an OpenCL platform: `pip install pocl-binary-distribution` gives a CPU device)"
     raise DeviceNotFoundError(f"no device {device!r} on this machine{hint}; present: {listing}")
+
+
+@functools.lru_cache(maxsize=None)
+def modeled_device(profile: str) -> Device:
+    """`model:<profile>`: a device profile (e.g. 'u55c') with no hardware behind it. Its steps
+    run functionally on an emulating device of the profile's `emulate_on` backend (an FPGA's
+    OpenCL kernels on PoCL, a GPU's torch code on torch:cpu); their time and energy come from
+    the cost model and are labeled "modeled"."""
+    from .cost.profiles import device_profile
+
+    prof = device_profile(profile)
+    pick = [d for d in _discover() if d.backend == prof.emulate_on]
+    pick.sort(key=lambda d: d.kind != "cpu")  # emulate on a CPU device where there is one
+    emulator = pick[0] if pick else None
+    return Device(f"model:{prof.name}", prof.kind, prof.emulate_on, f"{prof.title} (modeled)",
+                  emulator.handle if emulator else None,
+                  {"modeled": True, "profile": prof.name, "emulator": emulator.id if emulator else None})

@@ -54,8 +54,8 @@ class Placement(Mapping):
             target = cuda[0] if cuda else get_device("torch:cpu")
             assignment = {s: target for s in STEPS}
         elif placement == "auto":
-            raise PlacementError("placement='auto' needs the cost-based placer, which this version does not have yet; "
-                                 "pass a device id (e.g. 'torch:cpu') or a {step: device} dict")
+            raise PlacementError("placement='auto' needs shapes: use Pipeline(method, placement='auto'), which places "
+                                 "at prepare(), or hetero.place(method, shapes) and pass its .placement")
         elif isinstance(placement, (str, Device)):
             target = get_device(placement)
             assignment = {s: target for s in STEPS}
@@ -126,6 +126,7 @@ class Run:
         self.placement = placement
         self.record = RunRecord(call)
         self._moved: dict[tuple[int, str], tuple] = {}
+        self._made_on: dict[int, tuple] = {}  # id(result) -> (result, device id): a modeled device's values
         # per step: (device, backend module, implementation, name); a Pipeline passes its own
         self._dispatch = dispatch if dispatch is not None else placement.dispatch(method)
 
@@ -144,6 +145,8 @@ class Run:
         args = [a if type(a) in _HOST_SCALARS else self.to(dev, a) for a in args]
         result, timing = backend.call(dev, getattr(impl, op), args)
         self.record.steps.append(StepRecord(label or name, op, dev.id, timing))
+        if dev.info.get("modeled") and result is not None:
+            self._made_on[id(result)] = (result, dev.id)
         return result
 
     def to(self, dev: Device, value, what: str = ""):
@@ -157,13 +160,14 @@ class Run:
             return self._moved[key][1]
         what = what or f"{tuple(value.shape)} {value.dtype}"
         moved = value
+        made = self._made_on.get(id(value))
         if src is not torch_backend:  # device -> host
-            src_id = src.device_id(value)
+            src_id = made[1] if made else src.device_id(value)
             moved, timing = src.download(value)
             self._record(what, src_id, "torch:cpu", src, src.nbytes(value), timing)
         if not (dev.backend == "torch" and torch_backend.device_id(moved) == dev.id):  # host -> device
             dst = BACKENDS[dev.backend]
-            from_id = torch_backend.device_id(moved)
+            from_id = made[1] if made and moved is value else torch_backend.device_id(moved)
             nbytes = torch_backend.nbytes(moved)
             moved, timing = dst.upload(moved, dev)
             self._record(what, from_id, dev.id, dst if from_id == "torch:cpu" else None, nbytes, timing)
@@ -196,27 +200,57 @@ class Pipeline:
     >>> pipe.last_run.rows()
     """
 
-    def __init__(self, method, placement=None, validate: bool = True):
+    def __init__(self, method, placement=None, validate: bool = True, *, shapes: dict | None = None,
+                 objective: str = "latency", devices=None):
         self.method = method
-        self.placement = Placement.resolve(method, placement)
         self.validate = bool(validate)
-        self._dispatch = self.placement.dispatch(method)
         self.last_run: RunRecord | None = None
+        self.plan = None  # the placer's Plan when placement="auto"
+        self.placement: Placement | None = None
+        self._auto = None
+        if isinstance(placement, str) and placement == "auto":
+            # placed at prepare(), when the memory's shapes are known; `shapes` adds what the
+            # inputs do not tell (e.g. q_heads) or overrides them
+            from .cost.placer import OBJECTIVES
+
+            if objective not in OBJECTIVES:
+                raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+            self._auto = dict(shapes=dict(shapes or {}), objective=objective, devices=devices)
+        else:
+            self._bind(Placement.resolve(method, placement))
+
+    def _bind(self, placement: "Placement") -> None:
+        self.placement = placement
+        self._dispatch = placement.dispatch(self.method)
+        self._modeled = any(d.info.get("modeled") for d in placement.devices)
 
     def __repr__(self) -> str:
-        return f"Pipeline({self.method!r}, {self.placement!r})"
+        where = repr(self.placement) if self.placement is not None else "placement='auto' (chosen at prepare)"
+        return f"Pipeline({self.method!r}, {where})"
 
     def _call(self, name: str, flow, *args, **kwargs):
         run = Run(self.method, self.placement, name, self.validate, self._dispatch)
         start = time.perf_counter()
         result = flow(run, *args, **kwargs)
         run.record.wall_s = time.perf_counter() - start
+        if self._modeled:  # steps on modeled devices: time and energy from the cost model
+            from .cost.emulation import model_record
+
+            model_record(self, run.record, name, args, result)
         self.last_run = run.record
         return result
 
     def prepare(self, *inputs, **options):
         """Build the memory (e.g. keys, values) and keep each part resident on the device of
-        the step that reads it."""
+        the step that reads it. With placement="auto", the placer chooses the placement here,
+        from the shapes of the inputs (`pipe.plan.explain()` says why)."""
+        if self._auto is not None:
+            from .cost.placer import place
+
+            auto = self._auto
+            shapes = {**self.method.input_shapes(*inputs, **options), **auto["shapes"]}
+            self.plan = place(self.method, shapes, auto["devices"], auto["objective"])
+            self._bind(Placement.resolve(self.method, self.plan.placement))
         memory = self._call("prepare", self.method.prepare, *inputs, **options)
         memory.placement = self.placement
         return memory
@@ -236,6 +270,8 @@ class Pipeline:
         placement = getattr(memory, "placement", None)
         if placement is self.placement:
             return
+        if self.placement is None:
+            raise ValueError("this pipeline chooses its placement at prepare(); call pipe.prepare(...) first")
         if placement is None or not isinstance(memory, self.method.memory_type):
             raise ValueError(f"memory must come from this pipeline's prepare(); got {type(memory).__name__}")
         if placement != self.placement:

@@ -55,7 +55,6 @@ def test_placement_single_device_and_mapping():
 @pytest.mark.parametrize("placement,message", [
     ({"prepare": CPU, "relevancy": CPU}, "missing steps"),
     ({"prepare": CPU, "relevancy": CPU, "retrieval": CPU, "apply": CPU, "rerank": CPU}, "unknown step"),
-    ("auto", "placer"),
     (42, "placement must be"),
 ])
 def test_bad_placement(placement, message):

@@ -42,6 +42,7 @@ class _DeviceState:
 
 _states: dict[str, _DeviceState] = {}
 _ids_by_ptr: dict[int, str] = {}
+_ids_by_queue: dict[int, str] = {}  # a modeled device has its own queue on its emulator's device
 _binary_dir: Path | None = None
 _binary_only: set[str] = set()
 
@@ -77,9 +78,13 @@ def _kind(platform, dev) -> str:
 def state(device: Device) -> _DeviceState:
     st = _states.get(device.id)
     if st is None:
+        if device.handle is None:
+            raise RuntimeError(f"{device.id} has no OpenCL device to run on (a modeled device needs an emulator: "
+                               f"`pip install pocl-binary-distribution`)")
         ctx = cl.Context([device.handle])
         queue = cl.CommandQueue(ctx, properties=cl.command_queue_properties.PROFILING_ENABLE)
         st = _states[device.id] = _DeviceState(ctx, queue)
+        _ids_by_queue[queue.int_ptr] = device.id
     return st
 
 
@@ -171,7 +176,7 @@ def holds(value) -> bool:
 
 
 def device_id(value) -> str:
-    return _ids_by_ptr[value.queue.device.int_ptr]
+    return _ids_by_queue.get(value.queue.int_ptr) or _ids_by_ptr[value.queue.device.int_ptr]
 
 
 def resides_on(value, device: Device) -> bool:

@@ -18,12 +18,19 @@ class Method:
     name = "method"
     memory_type: type = object
     needs: dict[Step, tuple[str, ...]] = {}
+    # adjacent steps with a fused operation, used when both sit on one device that has it
+    fusions: dict[tuple[Step, Step], str] = {}
 
     def __init__(self):
         self.implementations: dict[str, object] = {}
 
     def impl(self, backend: str):
         return self.implementations[backend]
+
+    def fused(self, assignment) -> bool:
+        """Whether a placement (step -> Device) runs a fused operation, as `Run.fused` decides."""
+        return any(assignment[a] == assignment[b] and hasattr(self.implementations.get(assignment[a].backend), op)
+                   for (a, b), op in self.fusions.items())
 
     def why_not(self, step: Step, device: Device) -> list[str]:
         """Reasons `step` cannot run on `device` (empty when it can)."""

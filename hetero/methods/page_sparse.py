@@ -98,6 +98,7 @@ class PageSparseAttention(Method):
         Step.RETRIEVAL: ("retrieval",),
         Step.APPLY: ("sparse_attention", "empty_cache", "grow_cache", "store_tokens"),
     }
+    fusions = {(Step.RELEVANCY, Step.RETRIEVAL): "relevancy_retrieval"}
 
     def __init__(self, page_size: int = 16, budget_tokens: int | None = None, budget_pages: int | None = None,
                  sink_pages: int = 1, local_pages: int = 2, scale: float | None = None):
@@ -123,6 +124,124 @@ class PageSparseAttention(Method):
     def __repr__(self) -> str:
         return (f"PageSparseAttention(page_size={self.page_size}, budget_pages={self.budget_pages}, "
                 f"sink_pages={self.sink_pages}, local_pages={self.local_pages}, scale={self.scale})")
+
+    # --- cost ---------------------------------------------------------------------------
+
+    SHAPES = {"batch": 1, "kv_heads": 8, "q_heads": 32, "head_dim": 128, "context": 32768,
+              "dtype": "float16", "layers": 1}
+
+    def shapes(self, **given) -> dict:
+        """Shapes for the cost model, defaults filled in: batch, kv_heads, q_heads, head_dim,
+        context (tokens per sequence), dtype (storage), layers (each with its own memory)."""
+        unknown = sorted(set(given) - set(self.SHAPES))
+        if unknown:
+            raise ValueError(f"unknown shape(s) {unknown}; {self.name} takes {sorted(self.SHAPES)}")
+        out = {**self.SHAPES, **given}
+        for key in ("batch", "kv_heads", "q_heads", "head_dim", "context", "layers"):
+            _positive_int(f"shapes[{key!r}]", out[key])
+        if out["q_heads"] % out["kv_heads"]:
+            raise ValueError(f"shapes['q_heads'] ({out['q_heads']}) must be a multiple of shapes['kv_heads'] "
+                             f"({out['kv_heads']})")
+        if out["dtype"] not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"shapes['dtype'] must be 'float32', 'float16' or 'bfloat16', got {out['dtype']!r}")
+        return out
+
+    def shapes_of(self, memory: PageSparseMemory, query=None) -> dict:
+        """The cost-model shapes of a prepared memory (and the query's heads, when given)."""
+        q_heads = query.shape[1] if query is not None else memory.kv_heads
+        return self.shapes(batch=memory.batch, kv_heads=memory.kv_heads, q_heads=q_heads, head_dim=memory.head_dim,
+                           context=max(memory.max_length, 1), dtype=str(memory.dtype).removeprefix("torch."))
+
+    def input_shapes(self, keys, values=None, lengths=None, capacity=None) -> dict:
+        """The cost-model shapes `prepare(keys, values, ...)` will build (q_heads unknown: one
+        query head per KV head unless the caller says otherwise)."""
+        _check_tensor("keys", keys, 4, "[batch, kv_heads, seq, head_dim]")
+        batch, heads, seq, dim = keys.shape
+        return dict(batch=batch, kv_heads=heads, q_heads=heads, head_dim=dim, context=max(seq, 1),
+                    dtype=str(keys.dtype).removeprefix("torch."))
+
+    def workload(self, shapes: dict, backends: dict, fused: bool, appended: int = 1, query: bool = True,
+                 allocate: bool = False):
+        """The tasks of one call: `appended` new tokens per sequence (1 for a decode step,
+        the context for prepare), then, with `query`, relevancy -> retrieval -> apply.
+        `backends` maps each step to the backend running it (launch counts and storage
+        differ); `fused`: relevancy and retrieval run as one fused operation."""
+        from ..cost.model import Access, Task, Workload, safe_log2
+
+        s = self.shapes(**shapes)
+        b, h, hq, d, ctx = s["batch"], s["kv_heads"], s["q_heads"], s["head_dim"], s["context"]
+        page, layers = self.page_size, s["layers"]
+        in_size = 4 if s["dtype"] == "float32" else 2
+        pages = -(-ctx // page)
+        k = min(self.budget_pages, pages)
+
+        def elt(step):  # OpenCL stores float16 as half and everything else as float
+            if backends[step] == "opencl":
+                return 2 if s["dtype"] == "float16" else 4
+            return in_size
+
+        summary = b * h * pages * 2 * d * elt(Step.RELEVANCY)
+        kv = 2 * b * h * ctx * d * elt(Step.APPLY)
+        query_bytes, ids_bytes, out_bytes = b * hq * d * in_size, b * h * k * 4, b * hq * d * 4
+        tasks: list[Task] = []
+
+        def launches(step, per_backend):
+            return per_backend[backends[step]]
+
+        if allocate:
+            tasks += [Task(Step.RELEVANCY, "empty_summary", 0, "float32", "stream",
+                           (Access("summary", summary, summary * layers),), launches=1),
+                      Task(Step.APPLY, "empty_cache", 0, "float32", "stream",
+                           (Access("kv_cache", kv / 2, kv * layers),), launches=1),
+                      Task(Step.APPLY, "empty_cache", 0, "float32", "stream",
+                           (Access("kv_cache", kv / 2, kv * layers),), launches=1)]
+        if appended:
+            new = b * h * appended * d * in_size
+            local = -(-appended // page) + 1
+            delta = b * h * local * 2 * d * elt(Step.RELEVANCY)
+            tasks += [
+                Task(Step.PREPARE, "minmax_delta", 2 * b * h * appended * d, "float32", "stream",
+                     (Access("new_keys", new + delta, new + delta),), ("new_keys",), (("delta", delta),),
+                     launches(Step.PREPARE, {"torch": 3 * b, "host": 3 * b, "opencl": 1})),
+                Task(Step.RELEVANCY, "merge_summary", 2 * b * h * local * d, "float32", "stream",
+                     (Access("summary", 3 * delta, summary * layers),), ("delta",), (),
+                     launches(Step.RELEVANCY, {"torch": 2 * b, "host": 2 * b, "opencl": 1}))]
+            for what in ("new_keys", "new_values"):
+                tasks.append(Task(Step.APPLY, "store_tokens", 0, "float32", "stream",
+                                  (Access("kv_cache", 2 * new * elt(Step.APPLY) / in_size, kv * layers),), (what,),
+                                  launches=launches(Step.APPLY, {"torch": b, "host": 1, "opencl": 1})))
+        if query:
+            scan_flops = 4 * b * hq * pages * d
+            summary_read = Access("summary", summary, summary * layers)
+            query_read = Access("query", query_bytes, query_bytes)
+            scores = b * h * pages * 4
+            if fused:
+                tasks.append(Task(Step.RELEVANCY, "relevancy_retrieval", scan_flops + b * h * pages * safe_log2(k),
+                                  s["dtype"], "scan", (summary_read, query_read, Access("page_ids", ids_bytes, ids_bytes)),
+                                  ("query", "lengths"), (("page_ids", ids_bytes),),
+                                  launches(Step.RELEVANCY, {"host": 1, "opencl": 2})))
+            else:
+                tasks.append(Task(Step.RELEVANCY, "relevancy", scan_flops, s["dtype"], "scan",
+                                  (summary_read, query_read, Access("scores", scores, scores)),
+                                  ("query", "lengths"), (("scores", scores),),
+                                  launches(Step.RELEVANCY, {"torch": 6, "host": 1, "opencl": 1})))
+                passes = {"torch": 6, "host": 3, "opencl": 1}[backends[Step.RETRIEVAL]]
+                tasks.append(Task(Step.RETRIEVAL, "retrieval", b * h * pages * safe_log2(k), "float32", "select",
+                                  (Access("scores", passes * scores + ids_bytes, scores),),
+                                  ("scores", "lengths"), (("page_ids", ids_bytes),),
+                                  launches(Step.RETRIEVAL, {"torch": 9, "host": 3, "opencl": 2})))
+            gathered = 2 * b * h * k * page * d * elt(Step.APPLY)
+            tasks.append(Task(Step.APPLY, "sparse_attention", 4 * b * hq * k * page * d, "float32", "gather",
+                              (Access("kv_cache", gathered, kv * layers), Access("output", out_bytes, out_bytes)),
+                              ("query", "page_ids", "lengths"), (("output", out_bytes),),
+                              launches(Step.APPLY, {"torch": 5, "host": 4, "opencl": 1})))
+        inputs = {"lengths": b * 4}
+        if appended:
+            inputs.update(new_keys=b * h * appended * d * in_size, new_values=b * h * appended * d * in_size)
+        if query:
+            inputs["query"] = query_bytes
+        resident = {Step.RELEVANCY: {"summary": summary * layers}, Step.APPLY: {"kv_cache": kv * layers}}
+        return Workload(tasks, inputs, ("output",) if query else (), resident, layers)
 
     # --- flows ------------------------------------------------------------------------
 
@@ -187,7 +306,7 @@ class PageSparseAttention(Method):
         n_pages = -(-memory.max_length // self.page_size)
         k = min(self.budget_pages, n_pages)
         scale = self.scale if self.scale is not None else 1.0 / math.sqrt(memory.head_dim)
-        if run.fused(Step.RELEVANCY, Step.RETRIEVAL, "relevancy_retrieval"):
+        if run.fused(Step.RELEVANCY, Step.RETRIEVAL, self.fusions[Step.RELEVANCY, Step.RETRIEVAL]):
             page_ids = run.run(Step.RELEVANCY, "relevancy_retrieval", memory.summary, query,
                                memory.lengths_for(run, Step.RELEVANCY), n_pages, k, self.sink_pages,
                                self.local_pages, label="relevancy+retrieval")
