@@ -8,8 +8,8 @@ of each step for given shapes, transfers and energy, and `place()`.
 from .model import Access, Estimate, Task, Workload, evaluate
 from .placer import OBJECTIVES, Plan, place
 from .profiles import (PATTERNS, DeviceProfile, LinkProfile, MemoryLevel, ProfileError, add_profiles, device_profile,
-                       link_profile, load, loads, profiles, reload)
+                       known_profiles, link_profile, load, loads, reload)
 
 __all__ = ["Access", "DeviceProfile", "Estimate", "LinkProfile", "MemoryLevel", "OBJECTIVES", "PATTERNS", "Plan",
-           "ProfileError", "Task", "Workload", "add_profiles", "device_profile", "evaluate", "link_profile", "load",
-           "loads", "place", "profiles", "reload"]
+           "ProfileError", "Task", "Workload", "add_profiles", "device_profile", "evaluate", "link_profile", "known_profiles", "load",
+           "loads", "place", "reload"]

@@ -18,10 +18,10 @@ import itertools
 import os
 from dataclasses import dataclass, field
 
-from ..devices import Device, devices as present_devices, get_device, modeled_device
+from ..devices import Device, devices as present_devices, get_device
 from ..runtime import STEPS, Step
 from .model import Estimate, Node, System, capacity_reasons, evaluate
-from .profiles import DeviceProfile, LinkProfile, MemoryLevel, ProfileError, link_profile, profiles
+from .profiles import DeviceProfile, LinkProfile, MemoryLevel, ProfileError, link_profile, known_profiles
 
 OBJECTIVES = ("latency", "energy", "edp")
 EXHAUSTIVE_LIMIT = 20000
@@ -170,7 +170,7 @@ def _uncalibrated(device: Device) -> tuple[DeviceProfile, LinkProfile | None]:
 def node_for(device: "str | Device") -> Node:
     """A placer node for a present device id or a modeled one ('model:<profile>')."""
     dev = get_device(device)
-    reg = profiles()
+    reg = known_profiles()
     if dev.info.get("modeled"):
         prof = reg.devices[dev.info["profile"]]
         link = link_profile(prof.host_link) if prof.host_link else None
@@ -201,7 +201,7 @@ def make_system(device_list, home: str | None = None, links: dict | None = None)
         nodes.append(node_for(home))
     joined: dict[frozenset, LinkProfile] = {}
     by_name = {n.profile.name: n.id for n in nodes}
-    for link in profiles().links.values():
+    for link in known_profiles().links.values():
         ends = [by_name.get(e, e) for e in link.between]
         if link.kind == "p2p" and len(ends) == 2 and all(e in devs for e in ends):
             joined[frozenset(ends)] = link

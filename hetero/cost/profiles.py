@@ -311,7 +311,7 @@ def link_profile(name: str) -> LinkProfile:
     return reg.links[name]
 
 
-def profiles() -> Profiles:
+def known_profiles() -> Profiles:
     """Every profile known: shipped, HETERO_PROFILES, this machine's calibration, added ones."""
     return _registry()
 
