@@ -216,7 +216,8 @@ def make_system(device_list, home: str | None = None, links: dict | None = None)
 # --- search -----------------------------------------------------------------------------
 
 def place(method, shapes: dict | None = None, devices=None, objective: str = "latency", home: str | None = None,
-          links: dict | None = None, overlap: bool = False, exhaustive_limit: int = EXHAUSTIVE_LIMIT) -> Plan:
+          links: dict | None = None, overlap: bool = False, exhaustive_limit: int = EXHAUSTIVE_LIMIT,
+          adjust=None) -> Plan:
     """The best step -> device placement of `method` for one decode step at `shapes`.
 
     Args:
@@ -257,7 +258,7 @@ def place(method, shapes: dict | None = None, devices=None, objective: str = "la
         key = (tuple(backends.values()), fused)
         if key not in workloads:
             workloads[key] = method.workload(shapes, backends, fused, appended=1, query=True)
-        work = workloads[key]
+        work = workloads[key] if adjust is None else adjust(workloads[key], placed)
         est = evaluate(method, work, assignment, system, overlap)
         reasons = capacity_reasons(work, assignment, system)
         if reasons:

@@ -185,7 +185,7 @@ class PageSparseAttention(Method):
         query_bytes, ids_bytes, out_bytes = b * hq * d * in_size, b * h * k * 4, b * hq * d * 4
         tasks: list[Task] = []
 
-        def launches(step, per_backend):
+        def launches(step, per_backend):  # kernels (torch ops, shim calls) each operation issues, counted in the code below
             return per_backend[backends[step]]
 
         if allocate:
@@ -202,7 +202,7 @@ class PageSparseAttention(Method):
             tasks += [
                 Task(Step.PREPARE, "minmax_delta", 2 * b * h * appended * d, "float32", "stream",
                      (Access("new_keys", new + delta, new + delta),), ("new_keys",), (("delta", delta),),
-                     launches(Step.PREPARE, {"torch": 3 * b, "host": 3 * b, "opencl": 1})),
+                     launches(Step.PREPARE, {"torch": 3 + 4 * b, "host": 3 + 4 * b, "opencl": 1})),
                 Task(Step.RELEVANCY, "merge_summary", 2 * b * h * local * d, "float32", "stream",
                      (Access("summary", 3 * delta, summary * layers),), ("delta",), (),
                      launches(Step.RELEVANCY, {"torch": 2 * b, "host": 2 * b, "opencl": 1}))]
@@ -224,17 +224,17 @@ class PageSparseAttention(Method):
                 tasks.append(Task(Step.RELEVANCY, "relevancy", scan_flops, s["dtype"], "scan",
                                   (summary_read, query_read, Access("scores", scores, scores)),
                                   ("query", "lengths"), (("scores", scores),),
-                                  launches(Step.RELEVANCY, {"torch": 6, "host": 1, "opencl": 1})))
+                                  launches(Step.RELEVANCY, {"torch": 12, "host": 1, "opencl": 1})))
                 passes = {"torch": 6, "host": 3, "opencl": 1}[backends[Step.RETRIEVAL]]
                 tasks.append(Task(Step.RETRIEVAL, "retrieval", b * h * pages * safe_log2(k), "float32", "select",
                                   (Access("scores", passes * scores + ids_bytes, scores),),
                                   ("scores", "lengths"), (("page_ids", ids_bytes),),
-                                  launches(Step.RETRIEVAL, {"torch": 9, "host": 3, "opencl": 2})))
+                                  launches(Step.RETRIEVAL, {"torch": 25, "host": 10, "opencl": 2})))
             gathered = 2 * b * h * k * page * d * elt(Step.APPLY)
             tasks.append(Task(Step.APPLY, "sparse_attention", 4 * b * hq * k * page * d, "float32", "gather",
                               (Access("kv_cache", gathered, kv * layers), Access("output", out_bytes, out_bytes)),
                               ("query", "page_ids", "lengths"), (("output", out_bytes),),
-                              launches(Step.APPLY, {"torch": 5, "host": 4, "opencl": 1})))
+                              launches(Step.APPLY, {"torch": 20, "host": 17, "opencl": 1})))
         inputs = {"lengths": b * 4}
         if appended:
             inputs.update(new_keys=b * h * appended * d * in_size, new_values=b * h * appended * d * in_size)
