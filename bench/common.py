@@ -57,11 +57,16 @@ def median_time(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
     return statistics.median(samples), samples
 
 
+def _plain(value):
+    """numpy scalars (and anything else json cannot write) as plain Python values."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
 def write_results(name: str, payload: dict, markdown: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path = RESULTS / f"{name}.json"
     md_path = RESULTS / f"{name}.md"
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    json_path.write_text(json.dumps(payload, indent=2, default=_plain) + "\n")
     md_path.write_text(markdown)
     return json_path, md_path
 

@@ -66,6 +66,39 @@ def cmd_demo(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_calibrate(args) -> int:
+    from .cost.calibrate import calibrate, fmt_bytes
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        result = calibrate(devices=args.devices, quick=args.quick, path=args.out, progress=progress,
+                           repeats=args.repeats)
+    report = result.report
+    table = Table(title=f"hetero calibrate{' --quick' if args.quick else ''}: {report['cpu']}")
+    for col, justify in (("device", "left"), ("launch", "right"), ("float32", "right"), ("memory levels", "left"),
+                         ("host link", "left"), ("ops fitted", "right")):
+        table.add_column(col, justify=justify)
+    for dev, prof in result.devices.items():
+        levels = ", ".join(f"{lv.name} {fmt_bytes(lv.capacity)} @ {lv.bandwidth / 1e9:.3g} GB/s" for lv in prof.memory)
+        link = result.links.get(prof.host_link) if prof.host_link else None
+        link_text = f"{link.bandwidth / 1e9:.3g} GB/s, {link.latency * 1e6:.3g} us" if link else "host memory"
+        table.add_row(dev, f"{prof.launch * 1e6:.3g} us", f"{prof.flops('float32') / 1e9:.3g} GFLOP/s", levels,
+                      link_text, str(len(prof.ops)))
+    console.print(table)
+    fits = Table(title="operation fits: time = overhead + roofline / efficiency", title_justify="left")
+    for col in ("device", "operation", "overhead", "efficiency", "shapes kept", "median |error|"):
+        fits.add_column(col, justify="left" if col in ("device", "operation") else "right")
+    for dev, ops in report["fits"].items():
+        for op, f in ops.items():
+            fits.add_row(dev, op.split(".", 1)[1], f"{f['overhead'] * 1e6:.3g} us",
+                         f"{min(f['efficiency'], 1.0):.3g}" + (" (clamped)" if f["clamped"] else ""),
+                         f"{f['kept']}/{f['n']}", f"{f['median_abs_rel_error']:.1%}")
+    console.print(fits)
+    console.print(f"power is modeled (RAPL readable: {report['rapl_readable']}); wrote [bold]{report['path']}[/] "
+                  f"in {report['seconds']:.0f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hetero", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--budget", type=int, default=2048, help="tokens attended per KV head (default 2048)")
     demo.add_argument("--repeats", type=int, default=5, help="timed decode steps per placement (default 5)")
     demo.set_defaults(fn=cmd_demo)
+    calib = sub.add_parser("calibrate", help="measure this machine's devices and write their cost-model profiles")
+    calib.add_argument("--devices", nargs="+", metavar="ID", help="device ids to calibrate (default: every present one)")
+    calib.add_argument("--quick", action="store_true", help="a smaller sweep and shape grid (about a minute)")
+    calib.add_argument("--out", metavar="PATH", help="where to write the TOML (default ~/.cache/hetero/machine.toml)")
+    calib.add_argument("--repeats", type=int, default=None, help="decode steps per placement and shape (default 7, 5 "
+                       "with --quick)")
+    calib.set_defaults(fn=cmd_calibrate)
     args = parser.parse_args(argv)
     for name in ("seq", "budget", "repeats"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:

@@ -267,11 +267,11 @@ class Pipeline:
         return self._call("step", self.method.step, query, memory)
 
     def _check_memory(self, memory) -> None:
+        if self.placement is None:
+            raise ValueError("this pipeline chooses its placement at prepare(); call pipe.prepare(...) first")
         placement = getattr(memory, "placement", None)
         if placement is self.placement:
             return
-        if self.placement is None:
-            raise ValueError("this pipeline chooses its placement at prepare(); call pipe.prepare(...) first")
         if placement is None or not isinstance(memory, self.method.memory_type):
             raise ValueError(f"memory must come from this pipeline's prepare(); got {type(memory).__name__}")
         if placement != self.placement:

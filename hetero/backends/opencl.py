@@ -129,7 +129,9 @@ def program(device: Device, kernel_file: str, defines: dict[str, int]) -> "cl.Pr
     key = (kernel_file, tuple(sorted(defines.items())))
     prg = st.programs.get(key)
     if prg is None:
-        if device.kind == "fpga" or device.id in _binary_only:
+        # a real FPGA runs only precompiled programs; a modeled one (model:u55c) runs on its
+        # emulator (e.g. PoCL's CPU device), which compiles from source
+        if (device.kind == "fpga" and not device.info.get("modeled")) or device.id in _binary_only:
             prg = _load_binary(device, st, kernel_file, defines)
         else:
             source = (kernel_source_dir() / kernel_file).read_text()

@@ -93,8 +93,9 @@ class TransferCost:
     energy_j: float
 
 
-def task_cost(task: Task, node: Node, method_name: str) -> TaskCost:
-    prof = node.profile
+def roofline(task: Task, prof: DeviceProfile) -> tuple[float, float, dict[str, float], float]:
+    """The bare roofline of `task` on `prof`: (max(compute, level times), compute seconds,
+    level -> seconds of its bytes, the slowest level's latency); no launches, no efficiency."""
     compute_s = task.flops / prof.flops(task.dtype)
     levels: dict[str, float] = {}
     latency = 0.0
@@ -102,7 +103,12 @@ def task_cost(task: Task, node: Node, method_name: str) -> TaskCost:
         level = prof.level_for(access.footprint)
         levels[level.name] = levels.get(level.name, 0.0) + access.nbytes / level.bandwidth
         latency = max(latency, level.latency)
-    roof = max([compute_s, *levels.values()])
+    return max([compute_s, *levels.values()]), compute_s, levels, latency
+
+
+def task_cost(task: Task, node: Node, method_name: str) -> TaskCost:
+    prof = node.profile
+    roof, compute_s, levels, latency = roofline(task, prof)
     bound = "compute" if compute_s >= roof else f"{max(levels, key=levels.get)} bandwidth"
     fit = prof.ops.get(f"{method_name}.{task.op}")
     if fit is not None:

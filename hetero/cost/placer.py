@@ -14,6 +14,7 @@ runtime does. Single-device baselines are always evaluated beside the choice.
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -76,7 +77,7 @@ class Plan:
         from rich.console import Console
         from rich.table import Table
 
-        console = Console(record=True, width=width, file=open(os.devnull, "w"))
+        console = Console(record=True, width=width, file=io.StringIO())  # recorded, never printed
         shapes = ", ".join(f"{k}={v}" for k, v in self.shapes.items())
         chosen = self.chosen
         console.print(f"[bold]{self.method.name}[/] ({shapes}); objective: {self.objective}; {self.search}")

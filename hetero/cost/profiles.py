@@ -210,7 +210,8 @@ def _device(table, where: str, path: str) -> DeviceProfile:
     for pattern in PATTERNS:
         profile.efficiency[pattern] = eff.figure(pattern, "fraction", positive=True, path=f"efficiency.{pattern}")
     eff.finish()
-    ops = r._get("ops", False) or {}
+    ops = r._get("ops", False)
+    ops = {} if ops is None else ops  # not `or {}`: ops = 0 / "" / [] / false are errors, not "no ops"
     if not isinstance(ops, dict):
         raise ProfileError(f"{where}.ops must be a table of calibrated operations")
     for op, fit in ops.items():
@@ -242,11 +243,14 @@ def loads(text: str, path: str = "<string>") -> Profiles:
     """Profiles from TOML text; ProfileError names the file and field at fault."""
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, ValueError) as exc:  # ValueError: e.g. an integer of 5,000 digits
         raise ProfileError(f"{path}: not valid TOML ({exc})") from None
     unknown = sorted(set(data) - {"device", "link"})
     if unknown:
         raise ProfileError(f"{path}: unknown top-level table(s) {', '.join(unknown)}; use [[device]] and [[link]]")
+    for key in ("device", "link"):
+        if not isinstance(data.get(key, []), list):
+            raise ProfileError(f"{path}: {key} must be an array of tables ([[{key}]]), got {data[key]!r}")
     out = Profiles()
     for i, table in enumerate(data.get("device", [])):
         dev = _device(table, f"{path}: device[{i}]", path)
@@ -320,6 +324,9 @@ def reload() -> None:
     """Forget loaded profiles (e.g. after `hetero calibrate` wrote a new machine profile)."""
     global _loaded
     _loaded = None
+    from ..devices import modeled_device
+
+    modeled_device.cache_clear()  # model:<profile> devices are built from the profiles just forgotten
 
 
 # --- writing (calibration) ------------------------------------------------------------

@@ -36,7 +36,10 @@ def parse(text, kind: str, where: str) -> float:
     if isinstance(text, (int, float)):
         if kind != "fraction":
             raise ValueError(f"{where}: {text!r} has no unit; write it with one of {', '.join(units)}")
-        number, unit = float(text), ""
+        try:
+            number, unit = float(text), ""
+        except OverflowError:  # an integer too large for a float (TOML integers are unbounded here)
+            raise ValueError(f"{where}: {text!r} must be a finite value >= 0") from None
     elif isinstance(text, str):
         match = _NUMBER.match(text)
         if not match:
