@@ -919,9 +919,10 @@ def test_explain_names_devices_bounds_baselines_and_reasons():
     text = plan.explain(width=200)
     assert text == plan.explain(width=200)
     rows = _table_rows(text)
-    for t in plan.chosen.tasks:  # every chosen operation: its step, device (modeled) and bound
-        assert [t.task.step.value, t.task.op, f"{t.device} (modeled)"] in [r[:3] for r in rows], t
-        assert any(r[:2] == [t.task.step.value, t.task.op] and r[4] == t.bound for r in rows)
+    for t in plan.chosen.tasks:  # every chosen operation: its step (fused ones as "a+b"), device (modeled), bound
+        step = "relevancy+retrieval" if t.task.op == "relevancy_retrieval" else t.task.step.value
+        assert [step, t.task.op, f"{t.device} (modeled)"] in [r[:3] for r in rows], t
+        assert any(r[:2] == [step, t.task.op] and r[4] == t.bound for r in rows)
     flat = " ".join(text.split())
     assert "objective: latency; exhaustive over 16 placements" in flat
     assert f"chosen: {plan.chosen.label()}:" in flat

@@ -24,7 +24,9 @@ def model_record(pipeline, record, call: str, args, result) -> None:
         memory, query, appended, allocate = args[0], None, int(args[1].shape[2]), False
     else:
         memory, query, appended, allocate = args[1], args[0], 0, False
-    caller = record.transfers[0].src if record.transfers and call != "step" else "torch:cpu"
+    from ..backends import torch_backend
+
+    caller = torch_backend.id_of((args[0] if call == "step" else args[1 if call == "append" else 0]).device)
     system, devs = make_system([d.id for d in placement.devices], home=caller)
     assignment = {s: placement[s] for s in STEPS}
     work = method.workload(method.shapes_of(memory, query), {s: d.backend for s, d in assignment.items()},

@@ -92,7 +92,8 @@ class Plan:
         for t in chosen.tasks:
             node = self.system.nodes[t.device]
             energy = t.seconds * chosen.repeat * node.profile.active_power
-            steps.add_row(t.task.step.value, t.task.op, self._name(t.device), _ms(t.seconds * chosen.repeat),
+            fused = [f"{a.value}+{b.value}" for (a, b), op in self.method.fusions.items() if op == t.task.op]
+            steps.add_row(fused[0] if fused else t.task.step.value, t.task.op, self._name(t.device), _ms(t.seconds * chosen.repeat),
                           t.bound, f"{energy * 1e3:.3g} mJ")
         for x in chosen.transfers:
             steps.add_row("transfer", x.what, f"{x.src} -> {x.dst}", _ms(x.seconds * chosen.repeat),

@@ -206,6 +206,10 @@ def _device(table, where: str, path: str) -> DeviceProfile:
             lr.figure("bandwidth", "bandwidth", positive=True, path=f"memory.{lname}.bandwidth"),
             lr.figure("latency", "time", path=f"memory.{lname}.latency")))
         lr.finish()
+    capacities = [level.capacity for level in profile.memory]
+    if capacities != sorted(capacities):
+        raise ProfileError(f"{where}.memory must list levels fastest (smallest) first, got "
+                           + ", ".join(f"{lv.name} {lv.capacity:.3g} B" for lv in profile.memory))
     eff = _Reader(r._get("efficiency", True), f"{where}.efficiency", sources)
     for pattern in PATTERNS:
         profile.efficiency[pattern] = eff.figure(pattern, "fraction", positive=True, path=f"efficiency.{pattern}")

@@ -47,6 +47,8 @@ def parse(text, kind: str, where: str) -> float:
         number, unit = float(match.group(1)), match.group(2)
     else:
         raise ValueError(f"{where}: expected a string like '1.6 TB/s', got {type(text).__name__}")
+    if unit == "" and kind != "fraction":
+        raise ValueError(f"{where}: {text!r} has no unit; write it with one of {', '.join(units)}")
     if unit not in units:
         raise ValueError(f"{where}: unknown unit {unit!r} for a {kind}; use one of {', '.join(u or '(none)' for u in units)}")
     value = number * units[unit]
