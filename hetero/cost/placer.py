@@ -56,7 +56,7 @@ class Plan:
         for dev in self.system.nodes:
             reasons = list(self.not_runnable.get(dev, []))
             for step in STEPS:
-                if self.chosen.assignment[step] == dev or any(step.value in r for r in reasons):
+                if self.chosen.assignment[step] == dev or any(r.startswith(f"{step.value}: ") for r in reasons):
                     continue
                 alt = next((e for e in self.ranked if e.assignment[step] == dev), None)
                 if alt is not None:
