@@ -13,18 +13,24 @@
 
     plan = hetero.place(PageSparseAttention(), dict(context=131072), devices=["model:mi210", "model:u55c"])
     print(plan.explain())                 # where each step should run, and why
+
+    with hetero.profile() as prof:        # every step and transfer on one clock
+        pipe.step(query, memory)
+    print(prof.summary()); prof.export_trace("trace.json")   # open in Perfetto
 """
 
 from . import methods
 from .devices import Device, DeviceNotFoundError, backend_problems, devices, get_device
 from .records import RunRecord, StepRecord, TransferRecord
 from .runtime import STEPS, Pipeline, Placement, PlacementError, Step
-from . import cost
+from . import cost, profiling
 from .cost import place
+from .profiling import profile
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Device", "DeviceNotFoundError", "Pipeline", "Placement", "PlacementError", "RunRecord", "STEPS", "Step",
     "StepRecord", "TransferRecord", "backend_problems", "cost", "devices", "get_device", "methods", "place",
+    "profile", "profiling",
 ]

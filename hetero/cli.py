@@ -99,6 +99,90 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _key_values(pairs: list[str], what: str) -> dict:
+    """['context=32768', 'dtype=float32'] -> {'context': 32768, 'dtype': 'float32'}."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--{what} {pair!r} must read name=value")
+        try:
+            out[key.strip()] = int(value)
+        except ValueError:
+            try:
+                out[key.strip()] = float(value)
+            except ValueError:
+                out[key.strip()] = value.strip()
+    return out
+
+
+def default_placements() -> list[str]:
+    """'auto', every present device alone, and the paper's split when OpenCL is present."""
+    from .demo import placements_present
+
+    specs = ["auto"]
+    for name, placement in placements_present().items():
+        specs.append(placement if isinstance(placement, str) else ",".join(f"{k}={v}" for k, v in placement.items()))
+    return specs
+
+
+def cmd_profile(args) -> int:
+    from .methods import get_method
+    from .profiling.session import OUTPUTS, profile_method
+
+    try:
+        method = get_method(args.method, **_key_values(args.option, "option"))
+        shapes = {"dtype": "float32", **_key_values(args.shape, "shape")}
+        for name in ("context", "batch"):
+            if getattr(args, name) is not None:
+                shapes[name] = getattr(args, name)
+        shapes = method.shapes(**shapes)
+    except (ValueError, TypeError) as exc:
+        console.print(f"[red]hetero profile:[/] {exc}")
+        return 2
+    placements = args.placement or default_placements()
+    console.print(f"[bold]hetero profile[/]: {method!r} at " + ", ".join(f"{k}={v}" for k, v in shapes.items())
+                  + f"; {len(placements)} placement(s) x {args.steps} decode steps")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("starting", total=None)
+
+        def tick(advance, total, what):
+            progress.update(task, advance=advance, total=total, description=what)
+
+        try:
+            result = profile_method(method, shapes, placements, steps=args.steps, energy_window_s=args.energy_window,
+                                    out=args.out, seed=args.seed, progress=tick)
+        except ValueError as exc:  # PlacementError included
+            console.print(f"[red]hetero profile:[/] {exc}")
+            return 2
+    summary = result.prof.summary()
+    summary.render(console)
+    table = Table(title="per placement: one decode step", title_justify="left")
+    for col in ("pipe", "placement", "step wall (median)", "memory share", "energy / step", "measured", "gap"):
+        table.add_column(col, justify="left" if col in ("pipe", "placement") else "right")
+    from .profiling.report import Energy
+
+    for run in result.runs:
+        walls = sorted(c.record.wall_s for c in result.prof.calls if c.pipe is run.pipe and c.record.call == "step")
+        share = summary.memory_share["by_pipeline"].get(run.pipeline, 0.0)
+        modeled = sum(e["modeled"]["joules"] for e in run.energy.values())
+        measured = [e["measured"]["joules"] for e in run.energy.values() if e["measured"]]
+        gap = [f"{e['gap']:+.0%}" for e in run.energy.values() if e["gap"] is not None]
+        table.add_row(run.pipeline, run.spec if run.spec == "auto" else repr(run.pipe.placement),
+                      f"{walls[len(walls) // 2] * 1e3:.3g} ms", f"{share:.0%}", str(Energy(modeled, "modeled")),
+                      str(Energy(sum(measured), "measured")) if measured else "-", ", ".join(gap) or "-")
+    console.print(table)
+    for run in result.runs:
+        if run.pipe.plan is not None:
+            console.print(f"auto ({run.pipeline}) chose {run.pipe.placement!r}; `profile.json` has the placer's reasons")
+    console.print("wrote " + ", ".join(f"[bold]{p}[/]" for p in result.files.values()))
+    missing = [name for name in OUTPUTS if name not in result.files]
+    if missing:
+        console.print(f"[yellow]not written:[/] {', '.join(missing)} (no cost model for these steps)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hetero", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,10 +199,30 @@ def main(argv: list[str] | None = None) -> int:
     calib.add_argument("--repeats", type=int, default=None, help="decode steps per placement and shape (default 7, 5 "
                        "with --quick)")
     calib.set_defaults(fn=cmd_calibrate)
+    prof = sub.add_parser("profile", help="profile a method's decode steps per placement: table, trace, JSON, plots")
+    prof.add_argument("--method", default="page-sparse", help="registered method name (default page-sparse)")
+    prof.add_argument("--placement", action="append", metavar="SPEC",
+                      help="'auto', a device id, or step=device,... (repeatable; default: auto, every device "
+                           "alone, and the OpenCL split)")
+    prof.add_argument("--context", type=int, help="tokens in the memory (default 32768)")
+    prof.add_argument("--batch", type=int, help="sequences (default 1)")
+    prof.add_argument("--shape", action="append", metavar="NAME=VALUE",
+                      help="any other shape, e.g. kv_heads=8, q_heads=32, head_dim=128, dtype=float16 (repeatable)")
+    prof.add_argument("--option", action="append", metavar="NAME=VALUE",
+                      help="a method option, e.g. budget_tokens=2048 (repeatable)")
+    prof.add_argument("--steps", type=int, default=10, help="profiled decode steps per placement (default 10)")
+    prof.add_argument("--energy-window", type=float, default=1.0, metavar="S",
+                      help="seconds over which a step is repeated where an energy counter exists (default 1)")
+    prof.add_argument("--out", default="hetero-profile", metavar="DIR",
+                      help="folder for trace.json, profile.json and the PNG plots (default ./hetero-profile)")
+    prof.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
+    prof.set_defaults(fn=cmd_profile)
     args = parser.parse_args(argv)
-    for name in ("seq", "budget", "repeats"):
+    for name in ("seq", "budget", "repeats", "steps", "context", "batch"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             parser.error(f"--{name} must be >= 1")
+    if getattr(args, "energy_window", 1.0) <= 0:
+        parser.error("--energy-window must be > 0")
     return args.fn(args)
 
 

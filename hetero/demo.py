@@ -16,6 +16,7 @@ import torch
 
 from . import devices as present_devices
 from .methods import PageSparseAttention, dense_attention
+from .methods.page_sparse import synthetic_cache  # noqa: F401  (re-exported: the benchmarks use it)
 from .methods import page_sparse_reference as ref
 from .runtime import Pipeline
 
@@ -32,18 +33,6 @@ class PlacementResult:
     needle_found: bool
     max_error: float  # vs exact attention over the retrieved tokens
     records: list = field(default_factory=list, repr=False)
-
-
-def synthetic_cache(batch: int, kv_heads: int, group: int, seq: int, dim: int, seed: int = 0):
-    """Random keys/values and a query; returns (keys, values, query, needle_token)."""
-    gen = torch.Generator().manual_seed(seed)
-    keys = torch.randn(batch, kv_heads, seq, dim, generator=gen)
-    values = torch.randn(batch, kv_heads, seq, dim, generator=gen)
-    query = torch.randn(batch, kv_heads * group, dim, generator=gen)
-    needle = int(torch.randint(seq // 4, 3 * seq // 4, (1,), generator=gen))
-    direction = query.view(batch, kv_heads, group, dim).mean(2)
-    keys[:, :, needle] = 8.0 * direction / direction.norm(dim=-1, keepdim=True) * dim ** 0.5
-    return keys, values, query, needle
 
 
 def placements_present() -> dict[str, object]:

@@ -10,20 +10,36 @@ from typing import Callable
 class Timing:
     """When a call or transfer ran. `source` names the clock: 'opencl-event' and
     'cuda-event' are device timestamps, 'host-clock' is perf_counter around a synchronous
-    call. Device timestamps are resolved lazily, so recording costs nothing on the hot path."""
+    call, 'modeled' is the cost model's time for a step on a modeled device. Device
+    timestamps are resolved lazily, so recording costs nothing on the hot path."""
 
     source: str
     wall_s: float
     host_start_ns: int
-    _resolve: Callable[[], float] | None = field(default=None, repr=False)
+    # -> (start_ns, end_ns) of the device's work, mapped onto the host perf_counter_ns clock
+    _resolve: Callable[[], tuple[int, int]] | None = field(default=None, repr=False)
     _device_s: float | None = field(default=None, repr=False)
+    _span: tuple[int, int] | None = field(default=None, repr=False)
 
     @property
     def seconds(self) -> float:
         """Device time where the backend has timestamps, else the host-measured time."""
         if self._device_s is None:
-            self._device_s = self._resolve() if self._resolve is not None else self.wall_s
+            start, end = self.span()
+            self._device_s = (end - start) / 1e9
         return self._device_s
+
+    def span(self) -> tuple[int, int]:
+        """(start, end) in perf_counter nanoseconds, the one clock every record shares: the
+        device's own timestamps where it has them, else the host's around the call. A modeled
+        time starts where the emulated call started."""
+        if self._span is None:
+            if self._resolve is not None:
+                self._span = self._resolve()
+            else:
+                seconds = self.wall_s if self._device_s is None else self._device_s
+                self._span = (self.host_start_ns, self.host_start_ns + round(seconds * 1e9))
+        return self._span
 
 
 @dataclass
@@ -45,6 +61,7 @@ class TransferRecord:
     dst: str
     nbytes: int
     timing: Timing
+    feeds: int = -1  # index in RunRecord.steps of the step this value was moved for; -1: the call's output
 
     @property
     def seconds(self) -> float:
@@ -59,6 +76,7 @@ class RunRecord:
     steps: list[StepRecord] = field(default_factory=list)
     transfers: list[TransferRecord] = field(default_factory=list)
     wall_s: float = 0.0
+    start_ns: int = 0  # perf_counter_ns when the call began
     artifacts: dict = field(default_factory=dict, repr=False)
 
     @property

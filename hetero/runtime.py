@@ -115,6 +115,9 @@ class Placement(Mapping):
 
 _HOST_SCALARS = (int, float, bool, tuple, str, type(None))
 
+# the `hetero.profile()` blocks open now; each sees every pipeline call made inside it
+PROFILERS: list = []
+
 
 class Run:
     """The context a method's flow runs in: executes ops on placed devices, moves values,
@@ -149,9 +152,10 @@ class Run:
             self._made_on[id(result)] = (result, dev.id)
         return result
 
-    def to(self, dev: Device, value, what: str = ""):
+    def to(self, dev: Device, value, what: str = "", *, output: bool = False):
         """`value` resident on `dev`: unchanged if it is already there (or not a device value),
-        else copied, through host memory when no direct path exists, each hop recorded."""
+        else copied, through host memory when no direct path exists, each hop recorded (as
+        feeding the step about to run, or as the call's `output`)."""
         src = torch_backend if isinstance(value, torch.Tensor) else backend_of_value(value)
         if src is None or src.resides_on(value, dev):
             return value
@@ -164,26 +168,27 @@ class Run:
         if src is not torch_backend:  # device -> host
             src_id = made[1] if made else src.device_id(value)
             moved, timing = src.download(value)
-            self._record(what, src_id, "torch:cpu", src, src.nbytes(value), timing)
+            self._record(what, src_id, "torch:cpu", src, src.nbytes(value), timing, output)
         if not (dev.backend == "torch" and torch_backend.device_id(moved) == dev.id):  # host -> device
             dst = BACKENDS[dev.backend]
             from_id = made[1] if made and moved is value else torch_backend.device_id(moved)
             nbytes = torch_backend.nbytes(moved)
             moved, timing = dst.upload(moved, dev)
-            self._record(what, from_id, dev.id, dst if from_id == "torch:cpu" else None, nbytes, timing)
+            self._record(what, from_id, dev.id, dst if from_id == "torch:cpu" else None, nbytes, timing, output)
         self._moved[key] = (value, moved)  # holding `value` keeps its id from being reused
         return moved
 
-    def _record(self, what, src_id, dst_id, cpu_peer, nbytes, timing):
+    def _record(self, what, src_id, dst_id, cpu_peer, nbytes, timing, output):
         if getattr(cpu_peer, "SHARES_CPU_MEMORY", False):
             nbytes = 0  # the host backend and torch:cpu view the same memory
-        self.record.transfers.append(TransferRecord(what, src_id, dst_id, nbytes, timing))
+        feeds = -1 if output else len(self.record.steps)  # moved for the step about to run
+        self.record.transfers.append(TransferRecord(what, src_id, dst_id, nbytes, timing, feeds))
 
     def to_torch(self, value, device: torch.device):
         """Bring a result back to the caller's torch device."""
         if isinstance(value, torch.Tensor) and value.device == device:
             return value
-        return self.to(get_device(torch_backend.id_of(device)), value)
+        return self.to(get_device(torch_backend.id_of(device)), value, output=True)
 
 
 class Pipeline:
@@ -230,14 +235,17 @@ class Pipeline:
 
     def _call(self, name: str, flow, *args, **kwargs):
         run = Run(self.method, self.placement, name, self.validate, self._dispatch)
-        start = time.perf_counter()
+        start = time.perf_counter_ns()
         result = flow(run, *args, **kwargs)
-        run.record.wall_s = time.perf_counter() - start
+        run.record.start_ns, run.record.wall_s = start, (time.perf_counter_ns() - start) / 1e9
         if self._modeled:  # steps on modeled devices: time and energy from the cost model
             from .cost.emulation import model_record
 
             model_record(self, run.record, name, args, result)
         self.last_run = run.record
+        if PROFILERS:  # the only cost of profiling when it is off
+            for profiler in PROFILERS:
+                profiler.collect(self, run.record, args, result)
         return result
 
     def prepare(self, *inputs, **options):

@@ -38,6 +38,7 @@ class _DeviceState:
     context: "cl.Context"
     queue: "cl.CommandQueue"
     programs: dict = field(default_factory=dict)
+    clock_offset_ns: int = 0  # host perf_counter_ns minus the device's profiling clock
 
 
 _states: dict[str, _DeviceState] = {}
@@ -85,7 +86,31 @@ def state(device: Device) -> _DeviceState:
         queue = cl.CommandQueue(ctx, properties=cl.command_queue_properties.PROFILING_ENABLE)
         st = _states[device.id] = _DeviceState(ctx, queue)
         _ids_by_queue[queue.int_ptr] = device.id
+        sync_clock(st)
     return st
+
+
+def sync_clock(st: _DeviceState, tries: int = 7) -> None:
+    """Map the device's profiling clock onto the host's perf_counter_ns. OpenCL timestamps
+    use a clock of the implementation's choosing (PoCL's is CLOCK_MONOTONIC_RAW, an FPGA
+    board's its own), so an empty marker is timed from the host: its device timestamp falls
+    between the host times around it; the tightest of a few tries bounds the error."""
+    st.queue.finish()
+    best = None
+    for _ in range(tries):
+        before = time.perf_counter_ns()
+        marker = cl.enqueue_marker(st.queue)
+        marker.wait()
+        after = time.perf_counter_ns()
+        if best is None or after - before < best[0]:
+            best = (after - before, (before + after) // 2 - marker.profile.start)
+    st.clock_offset_ns = best[1]
+
+
+def sync_clocks() -> None:
+    """Re-map every open queue's clock (a profile does this as it starts: clocks drift)."""
+    for st in _states.values():
+        sync_clock(st)
 
 
 def queue(device: Device) -> "cl.CommandQueue":
@@ -199,7 +224,8 @@ def upload(tensor: torch.Tensor, device: Device):
     if staged.size:
         evt = cl.enqueue_copy(q, arr.data, staged, is_blocking=False)
         arr.add_event(evt)
-        timing = Timing("opencl-event", (time.perf_counter_ns() - start) / 1e9, start, _span([evt]))
+        timing = Timing("opencl-event", (time.perf_counter_ns() - start) / 1e9, start,
+                        _span([evt], state(device).clock_offset_ns))
     else:
         timing = Timing("host-clock", (time.perf_counter_ns() - start) / 1e9, start)
     return arr, timing
@@ -212,7 +238,9 @@ def download(value):
     out = host.staging(value.shape, value.dtype)
     if out.size:
         evt = cl.enqueue_copy(value.queue, out, value.data, wait_for=value.events, is_blocking=True)
-        timing = Timing("opencl-event", (time.perf_counter_ns() - start) / 1e9, start, _span([evt]))
+        st = _states.get(_ids_by_queue.get(value.queue.int_ptr, ""))  # None: an array hetero did not make
+        offset = st.clock_offset_ns if st is not None else 0
+        timing = Timing("opencl-event", (time.perf_counter_ns() - start) / 1e9, start, _span([evt], offset))
     else:
         timing = Timing("host-clock", (time.perf_counter_ns() - start) / 1e9, start)
     return torch.from_numpy(out), timing
@@ -223,7 +251,9 @@ def call(device: Device, fn, args):
     start = time.perf_counter_ns()
     result, events = fn(device, *args)
     wall = (time.perf_counter_ns() - start) / 1e9
-    return result, Timing("opencl-event", wall, start, _span(events) if events else None)
+    if not events:
+        return result, Timing("host-clock", wall, start)
+    return result, Timing("opencl-event", wall, start, _span(events, state(device).clock_offset_ns))
 
 
 def copy_bandwidth(device: Device, nbytes: int = 256 << 20, repeats: int = 10) -> float:
@@ -242,9 +272,9 @@ def copy_bandwidth(device: Device, nbytes: int = 256 << 20, repeats: int = 10) -
     return 2 * n * 64 / float(np.median(times[1:]))
 
 
-def _span(events):
-    """Device seconds from the first event's start to the last one's end."""
-    def resolve() -> float:
+def _span(events, offset: int):
+    """From the first event's device start to the last one's end, on the host clock."""
+    def resolve() -> tuple[int, int]:
         cl.wait_for_events(events)
-        return (max(e.profile.end for e in events) - min(e.profile.start for e in events)) / 1e9
+        return (min(e.profile.start for e in events) + offset, max(e.profile.end for e in events) + offset)
     return resolve

@@ -71,6 +71,7 @@ def nbytes(value: torch.Tensor) -> int:
 def call(device: Device, fn, args):
     """Run fn(device, *args); returns (result, Timing)."""
     if device.kind == "gpu":
+        ref, ref_ns = _clock_reference(device.handle)
         begin = torch.cuda.Event(enable_timing=True)
         end_evt = torch.cuda.Event(enable_timing=True)
         host_start = time.perf_counter_ns()
@@ -79,15 +80,41 @@ def call(device: Device, fn, args):
         end_evt.record()
         wall = (time.perf_counter_ns() - host_start) / 1e9
 
-        def resolve() -> float:
+        def resolve() -> tuple[int, int]:
             end_evt.synchronize()
-            return begin.elapsed_time(end_evt) / 1e3
+            return ref_ns + round(ref.elapsed_time(begin) * 1e6), ref_ns + round(ref.elapsed_time(end_evt) * 1e6)
 
         return result, Timing("cuda-event", wall, host_start, resolve)
     start = time.perf_counter_ns()
     result = fn(device, *args)
     end = time.perf_counter_ns()
     return result, Timing("host-clock", (end - start) / 1e9, start)
+
+
+_references: dict[int, tuple] = {}  # CUDA device index -> (event, its host time in perf_counter_ns)
+REFERENCE_MAX_AGE_NS = 60 * 10**9  # elapsed_time is float milliseconds: re-anchor before precision fades
+
+
+def _clock_reference(handle: torch.device):
+    """A CUDA event recorded on an idle device at a known host time: a step's events are timed
+    against it, which puts them on the host clock. Made once (one synchronize) and renewed
+    after a minute or by `sync_clocks()`."""
+    index = handle.index if handle.index is not None else torch.cuda.current_device()
+    ref = _references.get(index)
+    if ref is None or time.perf_counter_ns() - ref[1] > REFERENCE_MAX_AGE_NS:
+        with torch.cuda.device(index):
+            torch.cuda.synchronize()
+            event = torch.cuda.Event(enable_timing=True)
+            before = time.perf_counter_ns()
+            event.record()
+            event.synchronize()
+            ref = _references[index] = (event, (before + time.perf_counter_ns()) // 2)
+    return ref
+
+
+def sync_clocks() -> None:
+    """Re-anchor the CUDA clock references (a profile does this as it starts)."""
+    _references.clear()
 
 
 def copy_bandwidth(device: Device, nbytes: int = 256 << 20, repeats: int = 10) -> float:

@@ -1,10 +1,50 @@
-"""Modeled devices at run time: a step placed on `model:<profile>` runs functionally on its
-emulator, and its record's time comes from the cost model, with clock "modeled"."""
+"""The cost model at run time: what a pipeline call should have cost (for the profiler's
+predicted-vs-measured) and, for steps on modeled devices (`model:<profile>`), which run
+functionally on an emulator, the times their records report, with clock "modeled"."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..records import Timing, TransferRecord
 from ..runtime import STEPS
+
+
+@dataclass(frozen=True)
+class CallShape:
+    """What the cost model needs to know about one pipeline call."""
+
+    call: str  # prepare / append / step
+    shapes: dict
+    appended: int  # tokens appended per sequence
+    query: bool
+    allocate: bool
+    home: str  # the device the caller's tensors live on
+
+
+def describe_call(method, call: str, args, result) -> CallShape:
+    from ..backends import torch_backend
+
+    if call == "prepare":
+        memory, query, appended, allocate, given = result, None, result.max_length, True, args[0]
+    elif call == "append":
+        memory, query, appended, allocate, given = args[0], None, int(args[1].shape[2]), False, args[1]
+    else:
+        memory, query, appended, allocate, given = args[1], args[0], 0, False, args[0]
+    return CallShape(call, method.shapes_of(memory, query), appended, query is not None, allocate,
+                     torch_backend.id_of(given.device))
+
+
+def predict(method, placement, shape: CallShape):
+    """The model's Estimate of one call at `placement`, with its System and devices."""
+    from .model import evaluate
+    from .placer import make_system
+
+    system, devs = make_system([d.id for d in placement.devices], home=shape.home)
+    assignment = {s: placement[s] for s in STEPS}
+    work = method.workload(shape.shapes, {s: d.backend for s, d in assignment.items()}, method.fused(assignment),
+                           appended=shape.appended, query=shape.query, allocate=shape.allocate)
+    return evaluate(method, work, {s: d.id for s, d in assignment.items()}, system), system, devs
 
 
 def _modeled(timing: Timing, seconds: float) -> Timing:
@@ -14,24 +54,8 @@ def _modeled(timing: Timing, seconds: float) -> Timing:
 def model_record(pipeline, record, call: str, args, result) -> None:
     """Replace the measured times of steps on modeled devices by the model's, and the
     transfers touching modeled devices by the model's transfers for this call."""
-    from .model import evaluate
-    from .placer import make_system
-
-    method, placement = pipeline.method, pipeline.placement
-    if call == "prepare":
-        memory, query, appended, allocate = result, None, result.max_length, True
-    elif call == "append":
-        memory, query, appended, allocate = args[0], None, int(args[1].shape[2]), False
-    else:
-        memory, query, appended, allocate = args[1], args[0], 0, False
-    from ..backends import torch_backend
-
-    caller = torch_backend.id_of((args[0] if call == "step" else args[1 if call == "append" else 0]).device)
-    system, devs = make_system([d.id for d in placement.devices], home=caller)
-    assignment = {s: placement[s] for s in STEPS}
-    work = method.workload(method.shapes_of(memory, query), {s: d.backend for s, d in assignment.items()},
-                           method.fused(assignment), appended=appended, query=query is not None, allocate=allocate)
-    estimate = evaluate(method, work, {s: d.id for s, d in assignment.items()}, system)
+    estimate, system, devs = predict(pipeline.method, pipeline.placement,
+                                     describe_call(pipeline.method, call, args, result))
     predicted: dict[tuple[str, str], list[float]] = {}
     for t in estimate.tasks:
         predicted.setdefault((t.device, t.task.op), []).append(t.seconds)
@@ -44,6 +68,11 @@ def model_record(pipeline, record, call: str, args, result) -> None:
     modeled = {d for d, dev in devs.items() if dev.info.get("modeled")}
     kept = [t for t in record.transfers if t.src not in modeled and t.dst not in modeled]
     template = record.steps[0].timing if record.steps else Timing("modeled", 0.0, 0)
-    added = [TransferRecord(x.what, x.src, x.dst, int(x.nbytes), _modeled(template, x.seconds))
+
+    def feeds(value: str, device: str) -> int:  # the first step record on `device` whose task reads `value`
+        ops = {t.task.op for t in estimate.tasks if t.device == device and value in t.task.reads}
+        return next((i for i, r in enumerate(record.steps) if r.device == device and r.op in ops), -1)
+
+    added = [TransferRecord(x.what, x.src, x.dst, int(x.nbytes), _modeled(template, x.seconds), feeds(x.what, x.dst))
              for x in estimate.transfers if x.src in modeled or x.dst in modeled]
     record.transfers[:] = kept + added

@@ -1,6 +1,23 @@
-"""Long-context methods, one file each: the four steps' math, reference and implementations."""
+"""Long-context methods, one file each: the four steps' math, reference and implementations.
+
+`get_method("page-sparse", budget_tokens=1024)` builds one by its registered name (the names
+`hetero profile --method` takes); `METHODS` lists them.
+"""
 
 from .base import Method
 from .page_sparse import PageSparseAttention, PageSparseMemory, dense_attention
 
-__all__ = ["Method", "PageSparseAttention", "PageSparseMemory", "dense_attention"]
+# registered name -> class; the class name is accepted too
+METHODS: dict[str, type[Method]] = {"page-sparse": PageSparseAttention}
+
+
+def get_method(name: str, **options) -> Method:
+    """The method registered as `name` (or named by its class), built with `options`."""
+    by_class = {cls.__name__: cls for cls in METHODS.values()}
+    cls = METHODS.get(name) or by_class.get(name)
+    if cls is None:
+        raise ValueError(f"unknown method {name!r}; methods are {', '.join(METHODS)}")
+    return cls(**options)
+
+
+__all__ = ["METHODS", "Method", "PageSparseAttention", "PageSparseMemory", "dense_attention", "get_method"]
