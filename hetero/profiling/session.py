@@ -158,8 +158,9 @@ def write_outputs(result: ProfileResult, out: Path) -> dict[str, Path]:
     files["breakdown.png"] = plots.plot_breakdown(breakdown, out / "breakdown.png", modeled=modeled,
                                                   title=f"{result.method.name}: one decode step per placement")
     devices, points = roofline_data(summary)
-    files["roofline.png"] = plots.plot_roofline(devices, points, out / "roofline.png",
-                                                title=f"{result.method.name}: hierarchical roofline")
+    if points:  # steps the cost model counts FLOPs and bytes for
+        files["roofline.png"] = plots.plot_roofline(devices, points, out / "roofline.png",
+                                                    title=f"{result.method.name}: hierarchical roofline")
     compared = [dict(label=r["step"], device=r["device"], predicted_s=r["predicted_s"] / r["n"],
                      measured_s=r["mean_s"]) for r in summary.steps if r["predicted_s"]]
     if compared:
