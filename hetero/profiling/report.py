@@ -8,7 +8,9 @@ import io
 import statistics
 from dataclasses import dataclass, field
 
-from .timeline import MEMORY_STEPS, Call, Profile
+from ..cost.calibrate import fmt_bytes as _bytes
+from ..cost.placer import _ms
+from .timeline import MEMORY_STEPS, Profile
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ class Summary:
                     "error", "energy"):
             steps.add_column(col, justify="left" if col in ("pipe", "call", "step", "device") else "right")
         for r in self.steps:
-            steps.add_row(r["pipeline"], r["call"], f"{r['step']} ({r['op']})", r["device"] + _tag(r), str(r["n"]),
+            steps.add_row(r["pipeline"], r["call"], r["step"], r["device"] + _tag(r), str(r["n"]),
                           _ms(r["seconds"]), _ms(r["mean_s"]), f"{r['share']:.0%}", _bytes(r["bytes_in"]),
                           _ms(r["predicted_s"]) if r["predicted_s"] is not None else "-",
                           f"{r['error']:+.0%}" if r["error"] is not None else "-", str(r["energy"]))
@@ -124,15 +126,18 @@ def _tag(row) -> str:
     return " (modeled)" if row["clock"] == "modeled" else ""
 
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3g} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.3g} us"
+def group_parts(device_ids, nodes) -> dict[str, list[str]]:
+    """Devices by piece of silicon: those naming one profile `part` (torch:cpu, host and PoCL
+    on one CPU) draw power once."""
+    parts: dict[str, list[str]] = {}
+    for d in device_ids:
+        parts.setdefault(nodes[d].profile.part or d, []).append(d)
+    return parts
 
 
-def _bytes(n: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{int(n)} B"
+def modeled_energy(profile, busy_s: float, wall_s: float, note: str) -> Energy:
+    busy_s = min(busy_s, wall_s)
+    return Energy(busy_s * profile.active_power + (wall_s - busy_s) * profile.idle_power, "modeled", note)
 
 
 # --- building it ------------------------------------------------------------------------------
@@ -253,13 +258,10 @@ def summarize(prof: Profile) -> Summary:
 
     device_rows = []
     for d in device_ids:
-        prof_d = nodes[d].profile
-        b = min(busy.get(d, 0.0), window) if window else busy.get(d, 0.0)
-        device_rows.append(dict(device=d, modeled=nodes[d].modeled, calibrated=nodes[d].calibrated, busy_s=busy.get(d, 0.0),
-                                share=b / window if window else 0.0, bytes_in=moved_in[d], bytes_out=moved_out[d],
-                                energy=Energy(b * prof_d.active_power + (window - b) * prof_d.idle_power, "modeled",
-                                              "busy x active + idle x idle power" +
-                                              ("" if nodes[d].calibrated else "; uncalibrated default power"))))
+        note = "busy x active + idle x idle power" + ("" if nodes[d].calibrated else "; uncalibrated default power")
+        device_rows.append(dict(device=d, modeled=nodes[d].modeled, calibrated=nodes[d].calibrated, busy_s=busy[d],
+                                share=min(busy[d], window) / window if window else 0.0, bytes_in=moved_in[d],
+                                bytes_out=moved_out[d], energy=modeled_energy(nodes[d].profile, busy[d], window, note)))
 
     energy_rows = _energy_by_part(prof, device_ids, nodes, busy, window)
     step_wall = sum(w for (_, call), w in wall.items() if call == "step")
@@ -283,15 +285,11 @@ def summarize(prof: Profile) -> Summary:
 def _energy_by_part(prof: Profile, device_ids, nodes, busy, window) -> list[dict]:
     """One row per piece of silicon (devices naming one `part` draw power once): the modeled
     energy over the window, and the measured one where a counter covers it."""
-    parts: dict[str, list[str]] = {}
-    for d in device_ids:
-        parts.setdefault(nodes[d].profile.part or d, []).append(d)
     rows = []
-    for members in parts.values():
+    for members in group_parts(device_ids, nodes).values():
         prof_d = nodes[members[0]].profile
-        b = min(sum(busy.get(d, 0.0) for d in members), window)
-        modeled = Energy(b * prof_d.active_power + (window - b) * prof_d.idle_power, "modeled",
-                         f"{prof_d.idle_power:g} W idle, {prof_d.active_power:g} W active")
+        modeled = modeled_energy(prof_d, sum(busy[d] for d in members), window,
+                                 f"{prof_d.idle_power:g} W idle, {prof_d.active_power:g} W active")
         meter = next((m for m in prof.meters if m.available and set(members) & set(m.covers)), None)
         measured = None
         note = modeled.note

@@ -113,21 +113,17 @@ def _energy_per_step(prof: Profile, run: PlacementRun, step_fn, window_s: float)
     wall time, per piece of silicon), and beside it the measured one wherever a counter covers
     the placement's devices (the step repeated over a window the counter can resolve)."""
     from .energy import measure_energy
-    from .report import Energy, power_nodes
+    from .report import Energy, group_parts, modeled_energy, power_nodes
 
     calls = [c.record for c in prof.calls if c.pipe is run.pipe and c.record.call == "step"]
     wall = statistics.median(r.wall_s for r in calls)
     devices = [d.id for d in run.pipe.placement.devices]
     nodes = power_nodes(devices)
-    parts: dict[str, list[str]] = {}
-    for d in devices:
-        parts.setdefault(nodes[d].profile.part or d, []).append(d)
     out = {}
-    for members in parts.values():
-        prof_d = nodes[members[0]].profile
-        busy = min(statistics.median(sum(s.seconds for s in r.steps if s.device in members) for r in calls), wall)
-        modeled = Energy(busy * prof_d.active_power + (wall - busy) * prof_d.idle_power, "modeled",
-                         "median step: busy x active + idle x idle power")
+    for members in group_parts(devices, nodes).values():
+        busy = statistics.median(sum(s.seconds for s in r.steps if s.device in members) for r in calls)
+        modeled = modeled_energy(nodes[members[0]].profile, busy, wall,
+                                 "median step: busy x active + idle x idle power")
         entry = {"modeled": modeled.to_dict(), "measured": None, "gap": None}
         meter = next((m for m in prof.meters if m.available and set(members) & set(m.covers)), None)
         if meter is None:
