@@ -52,7 +52,7 @@ STEP_COLORS: dict[str, str] = {
 _ALIASES = {"transfer": "transfers"}
 # Names outside STEP_COLORS get one of these, chosen from a checksum of the name, so a name
 # has the same colour in every plot and every process.
-_EXTRA_COLORS = ("#9467BD", "#8C564B", "#BCBD22", "#1B3B6F", "#17BECF", "#7F3C8D")
+_EXTRA_COLORS = ("#9467BD", "#8C564B", "#BCBD22", "#1B3B6F", "#7F3C8D", "#E7298A")
 _MODELED_SUFFIX = " (modeled)"
 _HATCH = "///"
 _DEVICE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
@@ -77,19 +77,6 @@ _STYLE = {
 }
 
 
-def step_color(name: str) -> str:
-    """The colour of a step or segment name: an exact STEP_COLORS key, else the part before
-    ':' ("relevancy:opencl:0:0"), ignoring case and a trailing " (modeled)"; other names get a
-    fixed colour derived from the name."""
-    key = _canonical(name)
-    if key in STEP_COLORS:
-        return STEP_COLORS[key]
-    head = _ALIASES.get(key.split(":", 1)[0].strip(), key.split(":", 1)[0].strip())
-    if head in STEP_COLORS:
-        return STEP_COLORS[head]
-    return _EXTRA_COLORS[zlib.crc32(key.encode()) % len(_EXTRA_COLORS)]
-
-
 def _canonical(name: str) -> str:
     key = str(name).strip().lower()
     if key.endswith(_MODELED_SUFFIX):
@@ -97,15 +84,30 @@ def _canonical(name: str) -> str:
     return _ALIASES.get(key, key)
 
 
+def _step_key(name: str) -> str | None:
+    """The STEP_COLORS key a name belongs to (matched as in `step_color`), or None."""
+    key = _canonical(name)
+    head = key.split(":", 1)[0].strip()
+    for candidate in (key, _ALIASES.get(head, head)):
+        if candidate in STEP_COLORS:
+            return candidate
+    return None
+
+
+def step_color(name: str) -> str:
+    """The colour of a step or segment name: an exact STEP_COLORS key, else the part before
+    ':' ("relevancy:opencl:0:0"), ignoring case and a trailing " (modeled)"; other names get a
+    fixed colour derived from the name."""
+    key = _step_key(name)
+    if key is not None:
+        return STEP_COLORS[key]
+    return _EXTRA_COLORS[zlib.crc32(_canonical(name).encode()) % len(_EXTRA_COLORS)]
+
+
 def _step_rank(name: str) -> int:
     """Position of a name in the fixed step order (STEP_COLORS' order); unknown names last."""
-    order = list(STEP_COLORS)
-    key = _canonical(name)
-    head = _ALIASES.get(key.split(":", 1)[0].strip(), key.split(":", 1)[0].strip())
-    for candidate in (key, head):
-        if candidate in STEP_COLORS:
-            return order.index(candidate)
-    return len(order)
+    key = _step_key(name)
+    return list(STEP_COLORS).index(key) if key is not None else len(STEP_COLORS)
 
 
 # --- shared helpers ---------------------------------------------------------------------
@@ -170,11 +172,22 @@ def _fmt(value: float) -> str:
 
 
 def _si(value: float, unit: str) -> str:
-    """1.08e12, 'FLOP/s' -> '1.08 TFLOP/s'."""
-    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{_fmt(value / factor)} {prefix}{unit}"
-    return f"{_fmt(value)} {unit}"
+    """1.08e12, 'FLOP/s' -> '1.08 TFLOP/s'; 1.2e12 -> '1.2 TFLOP/s'."""
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, "")):
+        if abs(value) >= factor or factor == 1.0:
+            text = _fmt(value / factor)
+            if "." in text:
+                text = text.rstrip("0").rstrip(".")
+            return f"{text} {prefix}{unit}"
+    raise AssertionError("unreachable")
+
+
+def _legend(fig: Figure, handles: list, loc: str, ncol: int) -> None:
+    """A figure legend outside the axes, filled row by row (matplotlib fills columns first)."""
+    ncol = max(1, min(ncol, len(handles)))
+    rows = math.ceil(len(handles) / ncol)
+    by_column = [handles[r * ncol + c] for c in range(ncol) for r in range(rows) if r * ncol + c < len(handles)]
+    fig.legend(handles=by_column, loc=loc, ncol=ncol, frameon=False)
 
 
 def _wrap(label: str) -> str:
@@ -236,7 +249,7 @@ def plot_breakdown(breakdown: Mapping[str, Mapping[str, float]], path, title: st
     if figsize is None:
         lines = max(label.count("\n") + 1 for label in labels)
         row = max(0.42, 0.17 * lines + 0.2)
-        legend_rows = math.ceil((len(order) + any_hatched) / 5)
+        legend_rows = math.ceil((len({_step_key(n) or n for n in order}) + any_hatched) / 5)
         figsize = (10.0, 1.5 + row * len(bars) + 0.3 * legend_rows)
 
     def draw(fig: Figure) -> None:
@@ -249,23 +262,26 @@ def plot_breakdown(breakdown: Mapping[str, Mapping[str, float]], path, title: st
                 if width == 0:
                     continue
                 hatched = label in modeled or name.endswith(_MODELED_SUFFIX)
-                ax.barh(y, width, left=left, height=0.62, color=step_color(name), edgecolor="white",
-                        linewidth=0.6, hatch=_HATCH if hatched else None, hatchcolor="#333333" if hatched else None)
+                # The hatch takes the edge colour (no `hatchcolor`, which needs matplotlib >= 3.10).
+                ax.barh(y, width, left=left, height=0.62, color=step_color(name), linewidth=0.6,
+                        edgecolor="#333333" if hatched else "white", hatch=_HATCH if hatched else None)
                 left += width
             ax.annotate(f"{_fmt(left)} {unit}", (left, y), xytext=(4, 0), textcoords="offset points",
                         va="center", ha="left", fontsize=9)
         ax.set_yticks(ys, labels, fontsize=8.5 if max(len(label) for label in labels) > 30 else 9)
-        ax.invert_yaxis()  # first placement on top
+        ax.set_ylim(len(bars) - 0.5, -0.5)  # first placement on top; also when the last bar is empty
         ax.set_xlim(0, max(totals) * scale * 1.17 or 1.0)
         ax.set_xlabel(f"time per call ({unit})")
         ax.set_title(title)
         ax.grid(axis="x", color="#dddddd", linewidth=0.8)
         ax.set_axisbelow(True)
         ax.tick_params(axis="y", length=0)
-        handles = [Patch(facecolor=step_color(name), edgecolor="white", label=name) for name in order]
+        drawn = [_strip_modeled(s) for _, values in bars for s, v in values.items() if v > 0]
+        groups = _ordered(_step_key(name) or name for name in drawn)  # one legend entry per colour shown
+        handles = [Patch(facecolor=step_color(name), edgecolor="white", label=name) for name in groups]
         if any_hatched:
             handles.append(Patch(facecolor="white", edgecolor="#333333", hatch=_HATCH, label="modeled"))
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), frameon=False)
+        _legend(fig, handles, "outside lower center", 5)
 
     return _render(path, figsize, draw)
 
@@ -329,7 +345,8 @@ def plot_roofline(devices: Mapping[str, Mapping], points: Sequence[Mapping], pat
 
     ncols = min(3, len(specs))
     nrows = math.ceil(len(specs) / ncols)
-    steps = _ordered(p[2] for pts in shown.values() for p in pts)
+    # One legend entry per colour: the step a label belongs to, or the label itself if it names no step.
+    steps = _ordered(_step_key(p[2]) or p[2] for pts in shown.values() for p in pts)
     kinds = {p[3] for pts in shown.values() for p in pts}
     if figsize is None:
         legend_rows = math.ceil((len(steps) + len(kinds)) / 6)
@@ -351,7 +368,7 @@ def plot_roofline(devices: Mapping[str, Mapping], points: Sequence[Mapping], pat
             handles.append(Line2D([], [], linestyle="", marker="o", markersize=8, markerfacecolor="none",
                                   markeredgecolor="#777777", markeredgewidth=1.6, label="modeled / predicted"))
         if handles:
-            fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), frameon=False)
+            _legend(fig, handles, "outside lower center", 6)
 
     return _render(path, figsize, draw)
 
@@ -425,7 +442,7 @@ def plot_predicted_vs_measured(points: Sequence[Mapping], path, title: str = "pr
     measured = np.array([r[3] for r in rows])
     errors = np.abs(predicted - measured) / measured
     unit, scale = _time_unit(max(predicted.max(), measured.max()))
-    steps = _ordered(r[0] for r in rows)
+    steps = _ordered(_step_key(r[0]) or r[0] for r in rows)  # one legend entry per colour
     device_names = list(dict.fromkeys(r[1] for r in rows))
     markers = {d: _DEVICE_MARKERS[i % len(_DEVICE_MARKERS)] for i, d in enumerate(device_names)}
     if figsize is None:
@@ -465,6 +482,6 @@ def plot_predicted_vs_measured(points: Sequence[Mapping], path, title: str = "pr
                            markeredgecolor="black", label=d) for d in device_names]
         handles += [Line2D([], [], color="black", linestyle="--", linewidth=1.0, label="predicted = measured"),
                     Patch(facecolor="#bbbbbb", alpha=0.35, label=f"±{100 * _BAND:.0f}%")]
-        fig.legend(handles=handles, loc="outside right upper", frameon=False)
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.03, 1.0), borderaxespad=0, frameon=False)
 
     return _render(path, figsize, draw)
