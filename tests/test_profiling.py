@@ -4,7 +4,6 @@ import json
 
 import jsonschema
 import pytest
-import torch
 
 import hetero
 from hetero import runtime
