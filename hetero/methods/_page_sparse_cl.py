@@ -69,7 +69,9 @@ def defines(head_dim: int, group: int, page_size: int, k_max: int, storage_half)
 _tls = threading.local()
 
 
-def _kernel(prg, name: str) -> cl.Kernel:
+def _kernel(prg, name: str, arg_types: dict | None = None) -> cl.Kernel:
+    """The cached kernel `name` of `prg`, its scalar argument types taken from `arg_types`
+    (another kernel file's table; default this file's)."""
     cache = getattr(_tls, "kernels", None)
     if cache is None:
         cache = _tls.kernels = weakref.WeakKeyDictionary()
@@ -79,7 +81,7 @@ def _kernel(prg, name: str) -> cl.Kernel:
     knl = per_prg.get(name)
     if knl is None:
         knl = cl.Kernel(prg, name)
-        knl.set_scalar_arg_dtypes(_ARG_TYPES[name])
+        knl.set_scalar_arg_dtypes((arg_types or _ARG_TYPES)[name])
         per_prg[name] = knl
     return knl
 
@@ -91,9 +93,9 @@ def _events_of(*arrays) -> list:
     return evs
 
 
-def _run(queue, prg, name, gsize, lsize, args, wait_for=(), outputs=()):
+def _run(queue, prg, name, gsize, lsize, args, wait_for=(), outputs=(), arg_types=None):
     """Enqueue kernel `name`; `wait_for` are events, `outputs` arrays that get the event."""
-    evt = _kernel(prg, name)(queue, gsize, lsize, *args, wait_for=list(wait_for) or None)
+    evt = _kernel(prg, name, arg_types)(queue, gsize, lsize, *args, wait_for=list(wait_for) or None)
     for o in outputs:
         o.add_event(evt)
     return evt

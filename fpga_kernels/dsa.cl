@@ -1,0 +1,213 @@
+/* DeepSeek Sparse Attention's lightning indexer: projection, relevancy and exact top-k.
+ *
+ * The math is hetero/methods/dsa_reference.py. Index keys are float32 [B, cap, ID] (one per
+ * token, shared by all index heads); the query token's index queries and weights are packed
+ * [B, IH, ID + 1] (ID query features, then the head's weight). Scores are float32 [B, n].
+ *
+ *   project        y[r, :] = x[r, :] W^T          (W^T given [in, out]; 4 rows per work-item)
+ *   rope           rotary embedding in place, cos/sin given per (row, pair)
+ *   index_scores   I[b, s] = sum_j w_j ReLU(q_j . k_s), -INF at and past lengths[b]
+ *   select_topk    per row the top k scores (ties -> lower index) as ascending token ids,
+ *                  written for each of the KV heads that read them, -1 padded
+ *
+ * index_scores is a register-tiled outer product: a work-item walks its chunk of tokens 4
+ * at a time and, per tile of up to 64 index heads, accumulates 4 x 64 dot products over ID
+ * with float16 FMAs (the queries transposed once into local memory so a feature's heads are
+ * contiguous loads). On an FPGA the same loop nest is a systolic array fed by the key
+ * stream; on an AVX-512 CPU it keeps 16 vector accumulators in registers.
+ *
+ * select_topk is an exact radix select: three histogram passes over the row's keys (bits
+ * 31-21, 20-10, 9-0 of an order-preserving integer image of the score) find the k-th
+ * largest value and how many of its ties to keep, then one compaction pass streams out the
+ * chosen ids in ascending order. -0.0 is read as +0.0 so equal scores are equal keys.
+ *
+ * Compile-time constants (-D): IH (index heads, a multiple of 16), ID (index head dim).
+ */
+
+#if !defined(IH) || !defined(ID)
+#error "define IH and ID"
+#endif
+#if IH % 16 != 0
+#error "IH (index heads) must be a multiple of 16"
+#endif
+
+#define TOK 4      /* tokens per register tile */
+#define QW (ID + 1)
+
+__kernel void project(const __global float *x,  /* [rows, n_in] */
+                      const __global float *wt, /* [n_in, n_out] */
+                      const int rows, const int n_in, const int n_out,
+                      __global float *y)        /* [rows, n_out] */
+{
+    const int o = get_global_id(0);
+    const int r0 = get_global_id(1) * 4;
+    if (o >= n_out || r0 >= rows)
+        return;
+    const int r1 = min(r0 + 1, rows - 1), r2 = min(r0 + 2, rows - 1), r3 = min(r0 + 3, rows - 1);
+    const __global float *x0 = x + (size_t)r0 * n_in, *x1 = x + (size_t)r1 * n_in;
+    const __global float *x2 = x + (size_t)r2 * n_in, *x3 = x + (size_t)r3 * n_in;
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+    for (int i = 0; i < n_in; ++i) {
+        const float w = wt[(size_t)i * n_out + o];
+        a0 = fma(x0[i], w, a0);
+        a1 = fma(x1[i], w, a1);
+        a2 = fma(x2[i], w, a2);
+        a3 = fma(x3[i], w, a3);
+    }
+    y[(size_t)r0 * n_out + o] = a0;
+    if (r0 + 1 < rows) y[(size_t)r1 * n_out + o] = a1;
+    if (r0 + 2 < rows) y[(size_t)r2 * n_out + o] = a2;
+    if (r0 + 3 < rows) y[(size_t)r3 * n_out + o] = a3;
+}
+
+/* x [rows, heads, stride]: features i and i + n_half of each head (i < n_half) rotate by the
+ * angle whose cos/sin are cs[row, i, 0/1]. */
+__kernel void rope(__global float *x, const __global float *cs, const int heads, const int stride,
+                   const int n_half)
+{
+    const int i = get_global_id(0), h = get_global_id(1), r = get_global_id(2);
+    if (i >= n_half)
+        return;
+    __global float *v = x + ((size_t)r * heads + h) * stride;
+    const float c = cs[((size_t)r * n_half + i) * 2], s = cs[((size_t)r * n_half + i) * 2 + 1];
+    const float a = v[i], b = v[i + n_half];
+    v[i] = a * c - b * s;
+    v[i + n_half] = b * c + a * s;
+}
+
+/* Index heads per register tile: NV float16 vectors (64 heads when IH allows). */
+#if IH % 64 == 0
+#define NV 4
+#elif IH % 32 == 0
+#define NV 2
+#else
+#define NV 1
+#endif
+#define HT (16 * NV)
+
+inline float sum16(const float16 v)
+{
+    const float8 a = v.lo + v.hi;
+    const float4 b = a.lo + a.hi;
+    return (b.x + b.y) + (b.z + b.w);
+}
+
+/* Scores of the tokens [c * chunk, (c + 1) * chunk) of sequence b: global (n_chunks, B),
+ * one work-item per work-group. */
+__kernel void index_scores(const __global float *keys, /* [B, cap, ID] */
+                           const __global float *qw,   /* [B, IH, ID + 1] */
+                           const __global int *lengths, const int cap, const int n, const int chunk,
+                           __global float *scores)     /* [B, n] */
+{
+    __local float qt[ID * IH]; /* qt[d * IH + j] = q_j[d] */
+    __local float w[IH];
+    const int c = get_global_id(0), b = get_global_id(1);
+    const __global float *q = qw + (size_t)b * IH * QW;
+    for (int j = 0; j < IH; ++j) {
+        for (int d = 0; d < ID; ++d)
+            qt[d * IH + j] = q[j * QW + d];
+        w[j] = q[j * QW + ID];
+    }
+    const int len = min(lengths[b], n);
+    const int t_begin = c * chunk, t_end = min(t_begin + chunk, n);
+    const __global float *kb = keys + (size_t)b * cap * ID;
+    __global float *out = scores + (size_t)b * n;
+    for (int t = t_begin; t < t_end; t += TOK) {
+        /* the last tile of a row re-reads its last valid token for the missing ones */
+        const int last = max(min(len, t_end) - 1, t);
+        const __global float *kr[TOK];
+        _Pragma("unroll") for (int i = 0; i < TOK; ++i)
+            kr[i] = kb + (size_t)min(t + i, last) * ID;
+        float sv[TOK] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (t < len) {
+            for (int jt = 0; jt < IH; jt += HT) {
+                float16 acc[TOK][NV];
+                _Pragma("unroll") for (int i = 0; i < TOK; ++i)
+                    _Pragma("unroll") for (int v = 0; v < NV; ++v)
+                        acc[i][v] = (float16)(0.0f);
+                for (int d = 0; d < ID; ++d) {
+                    float16 qv[NV];
+                    _Pragma("unroll") for (int v = 0; v < NV; ++v)
+                        qv[v] = vload16(0, qt + d * IH + jt + 16 * v);
+                    _Pragma("unroll") for (int i = 0; i < TOK; ++i) {
+                        const float16 kv = (float16)(kr[i][d]);
+                        _Pragma("unroll") for (int v = 0; v < NV; ++v)
+                            acc[i][v] = fma(kv, qv[v], acc[i][v]);
+                    }
+                }
+                _Pragma("unroll") for (int v = 0; v < NV; ++v) {
+                    const float16 wv = vload16(0, w + jt + 16 * v);
+                    _Pragma("unroll") for (int i = 0; i < TOK; ++i)
+                        sv[i] += sum16(fmax(acc[i][v], 0.0f) * wv);
+                }
+            }
+        }
+        for (int i = 0; i < TOK && t + i < t_end; ++i)
+            out[t + i] = t + i < len ? sv[i] : -INFINITY;
+    }
+}
+
+/* An unsigned image of a float whose order is the float order, with -0.0 as +0.0. */
+inline uint order_key(const float f)
+{
+    uint u = as_uint(f);
+    if ((u << 1) == 0u)
+        u = 0u;
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+#define RADIX_BITS 11
+#define RADIX_BINS (1 << RADIX_BITS)
+
+/* One work-item per row b: global (B). ids [B, kv_heads, width]. */
+__kernel void select_topk(const __global float *scores, /* [B, n] */
+                          const __global int *lengths, const int n, const int k, const int kv_heads,
+                          const int width, __global int *ids)
+{
+    const int b = get_global_id(0);
+    const __global float *row = scores + (size_t)b * n;
+    const int len = min(lengths[b], n);
+    __global int *out = ids + (size_t)b * kv_heads * width;
+    int pos = 0;
+    if (k >= len) { /* every valid token */
+        for (int s = 0; s < len; ++s)
+            out[pos++] = s;
+    } else {
+        uint hist[RADIX_BINS];
+        uint prefix = 0u, mask = 0u;
+        int rank = k; /* the k-th largest is the rank-th largest among keys matching prefix */
+        const int shifts[3] = {21, 10, 0}, bits[3] = {11, 11, 10};
+        for (int p = 0; p < 3; ++p) {
+            const int nb = 1 << bits[p];
+            const uint digit_mask = (uint)(nb - 1);
+            for (int i = 0; i < nb; ++i)
+                hist[i] = 0u;
+            for (int s = 0; s < len; ++s) {
+                const uint u = order_key(row[s]);
+                if ((u & mask) == prefix)
+                    hist[(u >> shifts[p]) & digit_mask]++;
+            }
+            int bin = nb - 1;
+            uint above = 0u;
+            while (above + hist[bin] < (uint)rank) {
+                above += hist[bin];
+                --bin;
+            }
+            rank -= (int)above;
+            prefix |= (uint)bin << shifts[p];
+            mask |= digit_mask << shifts[p];
+        }
+        /* prefix is now the k-th largest key; keep `rank` of its ties, the lowest indices */
+        int ties = rank;
+        for (int s = 0; s < len; ++s) {
+            const uint u = order_key(row[s]);
+            if (u > prefix || (u == prefix && ties-- > 0))
+                out[pos++] = s;
+        }
+    }
+    for (int i = pos; i < width; ++i)
+        out[i] = -1;
+    for (int h = 1; h < kv_heads; ++h)
+        for (int i = 0; i < width; ++i)
+            out[h * width + i] = out[i];
+}
