@@ -53,8 +53,7 @@ def _cos_sin(queue, positions: np.ndarray, rope_dim: int):
 def _project(queue, prg, x, wt, rows: int, wait):
     n_in, n_out = wt.shape
     y = cla.empty(queue, (rows, n_out), np.float32)
-    local = min(64, n_out)
-    evt = _launch(queue, prg, "project", (-(-n_out // local) * local, -(-rows // 4)), (local, 1),
+    evt = _launch(queue, prg, "project", (-(-n_out // 64), -(-rows // 4)), (1, 1),
                   (x.data, wt.data, rows, n_in, n_out, y.data), wait)
     return y, evt
 

@@ -18,7 +18,7 @@ step is `dsa_reference`; the implementations below are tested against it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from ..runtime import Run, Step
 from . import dsa_reference as ref
 from .base import Method
 from .page_sparse import (PageSparseAttention, PageSparseMemory, _check_kv, _check_lengths, _check_query,
-                          _check_tensor, _nonnegative_int, _positive_int, _round_up, synthetic_cache)
+                          _check_tensor, _nonnegative_int, _positive_int, synthetic_cache)
 from .page_sparse_reference import sparse_attention as reference_attention
 
 WEIGHT_NAMES = ("w_k", "w_q", "w_w")
