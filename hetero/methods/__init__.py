@@ -5,10 +5,12 @@
 """
 
 from .base import Method
+from .dsa import DSAIndexer, DSAMemory
 from .page_sparse import PageSparseAttention, PageSparseMemory, dense_attention
+from .seer import SeerAttention, SeerMemory
 
 # registered name -> class; the class name is accepted too
-METHODS: dict[str, type[Method]] = {"page-sparse": PageSparseAttention}
+METHODS: dict[str, type[Method]] = {"page-sparse": PageSparseAttention, "dsa": DSAIndexer, "seer": SeerAttention}
 
 
 def get_method(name: str, **options) -> Method:
@@ -20,4 +22,5 @@ def get_method(name: str, **options) -> Method:
     return cls(**options)
 
 
-__all__ = ["METHODS", "Method", "PageSparseAttention", "PageSparseMemory", "dense_attention", "get_method"]
+__all__ = ["METHODS", "DSAIndexer", "DSAMemory", "Method", "PageSparseAttention", "PageSparseMemory", "SeerAttention",
+           "SeerMemory", "dense_attention", "get_method"]
