@@ -31,7 +31,10 @@
 #error "IH (index heads) must be a multiple of 16"
 #endif
 
-#define TOK 4      /* tokens (rows) per register tile */
+#define TOK 4      /* rows per register tile of project */
+#ifndef STOK
+#define STOK 6     /* tokens per register tile of index_scores */
+#endif
 #define QW (ID + 1)
 
 /* One work-item: TOK rows x 64 outputs, register-tiled like index_scores (a tile cut
@@ -129,24 +132,26 @@ __kernel void index_scores(const __global float *keys, /* [B, cap, ID] */
     const int t_begin = c * chunk, t_end = min(t_begin + chunk, n);
     const __global float *kb = keys + (size_t)b * cap * ID;
     __global float *out = scores + (size_t)b * n;
-    for (int t = t_begin; t < t_end; t += TOK) {
+    for (int t = t_begin; t < t_end; t += STOK) {
         /* the last tile of a row re-reads its last valid token for the missing ones */
         const int last = max(min(len, t_end) - 1, t);
-        const __global float *kr[TOK];
-        _Pragma("unroll") for (int i = 0; i < TOK; ++i)
+        const __global float *kr[STOK];
+        _Pragma("unroll") for (int i = 0; i < STOK; ++i)
             kr[i] = kb + (size_t)min(t + i, last) * ID;
-        float sv[TOK] = {0.0f, 0.0f, 0.0f, 0.0f};
+        float sv[STOK];
+        _Pragma("unroll") for (int i = 0; i < STOK; ++i)
+            sv[i] = 0.0f;
         if (t < len) {
             for (int jt = 0; jt < IH; jt += HT) {
-                float16 acc[TOK][NV];
-                _Pragma("unroll") for (int i = 0; i < TOK; ++i)
+                float16 acc[STOK][NV];
+                _Pragma("unroll") for (int i = 0; i < STOK; ++i)
                     _Pragma("unroll") for (int v = 0; v < NV; ++v)
                         acc[i][v] = (float16)(0.0f);
                 for (int d = 0; d < ID; ++d) {
                     float16 qv[NV];
                     _Pragma("unroll") for (int v = 0; v < NV; ++v)
                         qv[v] = vload16(0, qt + d * IH + jt + 16 * v);
-                    _Pragma("unroll") for (int i = 0; i < TOK; ++i) {
+                    _Pragma("unroll") for (int i = 0; i < STOK; ++i) {
                         const float16 kv = (float16)(kr[i][d]);
                         _Pragma("unroll") for (int v = 0; v < NV; ++v)
                             acc[i][v] = fma(kv, qv[v], acc[i][v]);
@@ -154,12 +159,12 @@ __kernel void index_scores(const __global float *keys, /* [B, cap, ID] */
                 }
                 _Pragma("unroll") for (int v = 0; v < NV; ++v) {
                     const float16 wv = vload16(0, w + jt + 16 * v);
-                    _Pragma("unroll") for (int i = 0; i < TOK; ++i)
+                    _Pragma("unroll") for (int i = 0; i < STOK; ++i)
                         sv[i] += sum16(fmax(acc[i][v], 0.0f) * wv);
                 }
             }
         }
-        for (int i = 0; i < TOK && t + i < t_end; ++i)
+        for (int i = 0; i < STOK && t + i < t_end; ++i)
             out[t + i] = t + i < len ? sv[i] : -INFINITY;
     }
 }

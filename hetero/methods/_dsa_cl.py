@@ -101,7 +101,7 @@ def relevancy(queue, prg, index_keys, index_query, lengths, n):
         return scores, []
     want = -(-_WAVES_PER_CU * _compute_units(queue) // batch)
     chunk = max(_MIN_CHUNK, -(-n // want))
-    chunk = -(-chunk // 4) * 4
+    chunk = -(-chunk // 24) * 24  # whole register tiles (4 or 6 tokens)
     evt = _launch(queue, prg, "index_scores", (-(-n // chunk), batch), (1, 1),
                   (index_keys.data, index_query.data, lengths.data, cap, n, chunk, scores.data),
                   _events_of(index_keys, index_query, lengths), (scores,))
