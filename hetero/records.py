@@ -68,6 +68,10 @@ class TransferRecord:
         return self.timing.seconds
 
 
+# the paper's memory processing: the step names (as recorded) of relevancy and retrieval
+MEMORY_STEPS = ("relevancy", "retrieval", "relevancy+retrieval")
+
+
 @dataclass
 class RunRecord:
     """Everything one `prepare`, `append` or `step` call did, in order."""
@@ -90,6 +94,13 @@ class RunRecord:
     @property
     def transfer_bytes(self) -> int:
         return sum(t.nbytes for t in self.transfers)
+
+    @property
+    def memory_seconds(self) -> float:
+        """Memory processing of this call: relevancy + retrieval time and the transfers
+        that fed them (what the profile's memory share adds up over decode steps)."""
+        memory = [i for i, s in enumerate(self.steps) if s.step in MEMORY_STEPS]
+        return sum(self.steps[i].seconds for i in memory) + sum(t.seconds for t in self.transfers if t.feeds in memory)
 
     def by_step(self) -> dict[str, float]:
         """Seconds per step name (operations of one step summed)."""

@@ -252,6 +252,19 @@ class PageSparseAttention(Method):
         dtype = getattr(torch, s["dtype"])
         return (keys.to(dtype), values.to(dtype)), query.to(dtype)
 
+    def reference_step(self, inputs, query):
+        """The decode step by `page_sparse_reference` (numpy, float64) on `prepare`'s inputs
+        (keys, values): (selected page ids [B, H, width] ascending, -1 padded; output [B, Hq, D])."""
+        from . import page_sparse_reference as ref
+
+        keys, values = (np.asarray(x.detach().cpu().float()) for x in inputs[:2])
+        q = query.detach().cpu().double().numpy()
+        lengths = [keys.shape[2]] * keys.shape[0]
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(keys.shape[-1])
+        scores = ref.relevancy(*ref.page_minmax(keys, lengths, self.page_size), q, lengths, self.page_size)
+        selected = ref.retrieval(scores, lengths, self.page_size, self.budget_pages, self.sink_pages, self.local_pages)
+        return selected, ref.sparse_attention(keys, values, q, selected, lengths, self.page_size, scale)
+
     # --- flows ------------------------------------------------------------------------
 
     def prepare(self, run: Run, keys, values, lengths=None, capacity: int | None = None) -> PageSparseMemory:
@@ -325,7 +338,8 @@ class PageSparseAttention(Method):
             page_ids = run.run(Step.RETRIEVAL, "retrieval", scores, memory.lengths_for(run, Step.RETRIEVAL), k,
                                self.sink_pages, self.local_pages,
                                (memory.head_dim, query.shape[1] // memory.kv_heads, memory.dtype == torch.float16))
-        run.record.artifacts["page_ids"] = page_ids  # kept by reference: free unless read
+        # kept by reference: free unless read ("page_ids" is the older name)
+        run.record.artifacts["selected"] = run.record.artifacts["page_ids"] = page_ids
         out = run.run(Step.APPLY, "sparse_attention", memory.k_cache, memory.v_cache, query, page_ids,
                       memory.lengths_for(run, Step.APPLY), scale)
         out = run.to_torch(out, query.device)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from ..cost.calibrate import fmt_bytes as _bytes
 from ..cost.placer import _ms
-from .timeline import MEMORY_STEPS, Profile
+from .timeline import Profile
 
 
 @dataclass(frozen=True)
@@ -199,6 +199,8 @@ def summarize(prof: Profile) -> Summary:
     for c in prof.calls:
         r = c.record
         tasks = predicted.get(c.index)
+        if r.call == "step":
+            memory_by_pipe[c.pipeline] = memory_by_pipe.get(c.pipeline, 0.0) + r.memory_seconds
         fed: dict[int, int] = {}
         for t in r.transfers:
             fed[t.feeds] = fed.get(t.feeds, 0) + t.nbytes
@@ -211,8 +213,6 @@ def summarize(prof: Profile) -> Summary:
             for dev, table in ((t.src, moved_out), (t.dst, moved_in)):
                 if dev in table:
                     table[dev] += t.nbytes
-            if r.call == "step" and 0 <= t.feeds < len(r.steps) and r.steps[t.feeds].step in MEMORY_STEPS:
-                memory_by_pipe[c.pipeline] = memory_by_pipe.get(c.pipeline, 0.0) + t.seconds
         for i, s in enumerate(r.steps):
             key = (c.pipeline, r.call, s.step, s.op, s.device)
             row = rows.setdefault(key, dict(pipeline=c.pipeline, call=r.call, step=s.step, op=s.op, device=s.device,
@@ -230,8 +230,6 @@ def summarize(prof: Profile) -> Summary:
             if task is not None and s.timing.source != "modeled":
                 row["predicted_s"] = (row["predicted_s"] or 0.0) + task.seconds
                 row["_measured_for_model"] += s.seconds
-            if r.call == "step" and s.step in MEMORY_STEPS:
-                memory_by_pipe[c.pipeline] = memory_by_pipe.get(c.pipeline, 0.0) + s.seconds
 
     step_rows = []
     for row in rows.values():

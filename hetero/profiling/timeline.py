@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import runtime
-from ..records import RunRecord, Timing
+from ..records import MEMORY_STEPS, RunRecord, Timing  # noqa: F401  (MEMORY_STEPS re-exported)
 
-MEMORY_STEPS = ("relevancy", "retrieval", "relevancy+retrieval")  # the paper's memory processing (step calls)
 
 
 @dataclass
