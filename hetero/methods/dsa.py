@@ -27,8 +27,9 @@ from ..backends import host, opencl
 from ..runtime import Run, Step
 from . import dsa_reference as ref
 from .base import Method
-from .page_sparse import (PageSparseAttention, PageSparseMemory, _check_kv, _check_lengths, _check_query,
-                          _check_tensor, _nonnegative_int, _positive_int, synthetic_cache)
+from .page_sparse import (PageSparseAttention, PageSparseMemory, SharesApply, _capacity, _check_append, _check_kv,
+                          _check_lengths, _check_query, _check_tensor, _grown_capacity, _nonnegative_int,
+                          _positive_int, store_kv, synthetic_cache)
 from .page_sparse_reference import sparse_attention as reference_attention
 
 WEIGHT_NAMES = ("w_k", "w_q", "w_w")
@@ -312,11 +313,7 @@ class DSAIndexer(Method):
         batch, heads, seq, dim = _check_kv(keys, values)
         _check_hidden(hidden, keys)
         lengths = _check_lengths(lengths, batch, seq)
-        longest = int(lengths.max())
-        if capacity is None:
-            capacity = longest + max(256, longest // 8)
-        elif not isinstance(capacity, int) or capacity < longest:
-            raise ValueError(f"capacity must be an int >= the longest sequence ({longest}), got {capacity!r}")
+        capacity = _capacity(capacity, lengths)
         hidden_dim = hidden.shape[-1]
         w_k, w_qw = self._packed_weights(hidden_dim)
         prep = run.device(Step.PREPARE)
@@ -334,25 +331,19 @@ class DSAIndexer(Method):
         """Extend every sequence by keys/values [B, H, n, D] and hidden states [B, n, hidden];
         the last new token becomes the query token. Everything is checked before anything
         changes."""
-        batch, heads, n, dim = _check_kv(keys, values, allow_empty=True, scan_values=run.validate)
-        if (batch, heads, dim) != (memory.batch, memory.kv_heads, memory.head_dim):
-            raise ValueError(f"keys must be [{memory.batch}, {memory.kv_heads}, n, {memory.head_dim}] like the memory, "
-                             f"got {list(keys.shape)}")
-        if keys.dtype != memory.dtype:
-            raise ValueError(f"keys dtype {keys.dtype} differs from the memory's {memory.dtype}")
+        n = _check_append(memory, keys, values, run.validate)
         _check_hidden(hidden, keys, scan_values=run.validate)
         if hidden.shape[-1] != memory.hidden_dim:
             raise ValueError(f"hidden must have {memory.hidden_dim} features like the memory's, got {hidden.shape[-1]}")
         if n == 0:
             return memory
-        needed = int(memory.lengths.max()) + n
         index, k_cache, v_cache = memory.summary, memory.k_cache, memory.v_cache
-        if needed > memory.token_capacity:  # grow into new arrays; the old ones stay valid until the end
-            tokens = max(needed, memory.token_capacity + memory.token_capacity // 4)
+        tokens = _grown_capacity(memory, n, 1)
+        if tokens:  # grow into new arrays; the old ones stay valid until the end
             index = run.run(Step.RELEVANCY, "grow_cache", index, tokens, label="prepare")
             k_cache = run.run(Step.APPLY, "grow_cache", k_cache, tokens, label="prepare")
             v_cache = run.run(Step.APPLY, "grow_cache", v_cache, tokens, label="prepare")
-        self._write(run, memory, keys, values, hidden, index, k_cache, v_cache, np.full(batch, n, dtype=np.int64))
+        self._write(run, memory, keys, values, hidden, index, k_cache, v_cache, np.full(memory.batch, n, dtype=np.int64))
         return memory
 
     def _write(self, run, memory, keys, values, hidden, index, k_cache, v_cache, count):
@@ -365,13 +356,9 @@ class DSAIndexer(Method):
         index_query = run.run(Step.PREPARE, "project_query", hidden_last, w_qw, positions, self.index_heads,
                               self.rope_dim)
         run.run(Step.RELEVANCY, "store_tokens", index, new_index, start, counts, label="prepare")
-        run.run(Step.APPLY, "store_tokens", k_cache, keys, start, counts, label="prepare")
-        run.run(Step.APPLY, "store_tokens", v_cache, values, start, counts, label="prepare")
+        memory.summary = index
         memory.index_query = run.to(run.device(Step.RELEVANCY), index_query, "index query")
-        memory.summary, memory.k_cache, memory.v_cache = index, k_cache, v_cache
-        memory.lengths = memory.lengths + count
-        memory.max_length = int(memory.lengths.max())
-        memory._lengths_on.clear()
+        store_kv(run, memory, keys, values, k_cache, v_cache, start, counts)
 
     def step(self, run: Run, query, memory: DSAMemory):
         """The query token's attention query [B, Hq, D] -> attention output [B, Hq, D] on its device."""
@@ -433,14 +420,11 @@ def rope_(x: torch.Tensor, positions: torch.Tensor, rope_dim: int) -> torch.Tens
     return x
 
 
-class TorchDSA:
+class TorchDSA(SharesApply):
     """All four steps with torch ops, on CPU or GPU; apply is page-sparse's with one-token pages."""
 
     def __init__(self, method: DSAIndexer):
-        self.method = method
-        self.attention = method.attention.impl("torch")
-        for op in ("empty_cache", "grow_cache", "store_tokens", "sparse_attention"):
-            setattr(self, op, getattr(self.attention, op))
+        super().__init__(method, "torch")
 
     def project_keys(self, dev, hidden, w_k, start, rope_dim):
         """Index keys of the new tokens, [B, 1, n, d_I] float32, roped at start[b] + i."""
@@ -484,17 +468,14 @@ class TorchDSA:
 
 # --- host (C++ shim) --------------------------------------------------------------------
 
-class HostDSA:
+class HostDSA(SharesApply):
     """The CPU through the C++ shim: its top-k selects the tokens and its page gather (one-
     token pages) feeds apply; the projections and the relevancy GEMM are torch ops on
     zero-copy views of the same host arrays."""
 
     def __init__(self, method: DSAIndexer):
-        self.method = method
-        self.attention = method.attention.impl("host")
+        super().__init__(method, "host")
         self.torch = TorchDSA(method)
-        for op in ("empty_cache", "grow_cache", "store_tokens", "sparse_attention"):
-            setattr(self, op, getattr(self.attention, op))
 
     def project_keys(self, dev, hidden, w_k, start, rope_dim):
         return self.torch.project_keys(dev, torch.from_numpy(hidden), torch.from_numpy(w_k), start, rope_dim).numpy()
@@ -519,16 +500,13 @@ class HostDSA:
 
 # --- OpenCL ---------------------------------------------------------------------------
 
-class OpenCLDSA:
+class OpenCLDSA(SharesApply):
     """Steps as OpenCL kernels (fpga_kernels/dsa.cl): a projection + RoPE kernel for
     prepare, a register-tiled relevancy kernel, an exact radix-select top-k, and their
     fusion; apply and the caches are page-sparse's kernels with one-token pages."""
 
     def __init__(self, method: DSAIndexer):
-        self.method = method
-        self.attention = method.attention.impl("opencl")
-        for op in ("empty_cache", "grow_cache", "store_tokens", "sparse_attention"):
-            setattr(self, op, getattr(self.attention, op))
+        super().__init__(method, "opencl")
 
     def _program(self, dev):
         from . import _dsa_cl as kernels

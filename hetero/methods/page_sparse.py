@@ -272,12 +272,7 @@ class PageSparseAttention(Method):
         sequence's valid tokens (default S); `capacity` reserves room for appends."""
         batch, heads, seq, dim = _check_kv(keys, values)
         lengths = _check_lengths(lengths, batch, seq)
-        longest = int(lengths.max())
-        if capacity is None:
-            capacity = longest + max(256, longest // 8)
-        elif not isinstance(capacity, int) or capacity < longest:
-            raise ValueError(f"capacity must be an int >= the longest sequence ({longest}), got {capacity!r}")
-        tokens = _round_up(capacity, self.page_size)
+        tokens = _round_up(_capacity(capacity, lengths), self.page_size)
         memory = PageSparseMemory(
             batch, heads, dim, keys.dtype, np.zeros(batch, dtype=np.int64),
             summary=run.run(Step.RELEVANCY, "empty_summary", (batch, heads, tokens // self.page_size, 2, dim),
@@ -290,23 +285,16 @@ class PageSparseAttention(Method):
     def append(self, run: Run, memory: PageSparseMemory, keys, values) -> PageSparseMemory:
         """Extend every sequence by keys/values [B, H, n, D], updating the partial last page's
         summary in place. Everything is checked before anything changes."""
-        batch, heads, n, dim = _check_kv(keys, values, allow_empty=True, scan_values=run.validate)
-        if (batch, heads, dim) != (memory.batch, memory.kv_heads, memory.head_dim):
-            raise ValueError(f"keys must be [{memory.batch}, {memory.kv_heads}, n, {memory.head_dim}] like the memory, "
-                             f"got {list(keys.shape)}")
-        if keys.dtype != memory.dtype:
-            raise ValueError(f"keys dtype {keys.dtype} differs from the memory's {memory.dtype}")
+        n = _check_append(memory, keys, values, run.validate)
         if n == 0:
             return memory
-        needed = int(memory.lengths.max()) + n
         summary, k_cache, v_cache = memory.summary, memory.k_cache, memory.v_cache
-        if needed > memory.token_capacity:  # grow into new arrays; the old ones stay valid until the end
-            tokens = _round_up(max(needed, memory.token_capacity + memory.token_capacity // 4), self.page_size)
+        tokens = _grown_capacity(memory, n, self.page_size)
+        if tokens:  # grow into new arrays; the old ones stay valid until the end
             summary = run.run(Step.RELEVANCY, "grow_summary", summary, tokens // self.page_size, label="prepare")
             k_cache = run.run(Step.APPLY, "grow_cache", k_cache, tokens, label="prepare")
             v_cache = run.run(Step.APPLY, "grow_cache", v_cache, tokens, label="prepare")
-        count = np.full(batch, n, dtype=np.int64)
-        self._write(run, memory, keys, values, summary, k_cache, v_cache, count)
+        self._write(run, memory, keys, values, summary, k_cache, v_cache, np.full(memory.batch, n, dtype=np.int64))
         return memory
 
     def _write(self, run, memory, keys, values, summary, k_cache, v_cache, count):
@@ -315,12 +303,8 @@ class PageSparseAttention(Method):
         start, counts = tuple(memory.lengths.tolist()), tuple(count.tolist())
         delta = run.run(Step.PREPARE, "minmax_delta", keys, start, counts, n_local)
         run.run(Step.RELEVANCY, "merge_summary", summary, delta, start, label="prepare")
-        run.run(Step.APPLY, "store_tokens", k_cache, keys, start, counts, label="prepare")
-        run.run(Step.APPLY, "store_tokens", v_cache, values, start, counts, label="prepare")
-        memory.summary, memory.k_cache, memory.v_cache = summary, k_cache, v_cache
-        memory.lengths = memory.lengths + count
-        memory.max_length = int(memory.lengths.max())
-        memory._lengths_on.clear()
+        memory.summary = summary
+        store_kv(run, memory, keys, values, k_cache, v_cache, start, counts)
 
     def step(self, run: Run, query, memory: PageSparseMemory):
         """One decode token's query [B, Hq, D] -> attention output [B, Hq, D] on its device."""
@@ -428,6 +412,64 @@ def _check_query(query, memory: PageSparseMemory, scan_values: bool = True) -> N
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+# --- the KV cache every method keeps on its apply device ---------------------------------
+
+KV_OPS = ("empty_cache", "grow_cache", "store_tokens", "sparse_attention")
+
+
+def _capacity(capacity, lengths: np.ndarray) -> int:
+    """Tokens to reserve per sequence: `capacity`, checked, or the longest sequence + 1/8."""
+    longest = int(lengths.max())
+    if capacity is None:
+        return longest + max(256, longest // 8)
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < longest:
+        raise ValueError(f"capacity must be an int >= the longest sequence ({longest}), got {capacity!r}")
+    return capacity
+
+
+def _check_append(memory, keys, values, scan_values: bool) -> int:
+    """Tokens per sequence that `append(memory, keys, values, ...)` adds, after checking the
+    new keys/values match the memory."""
+    batch, heads, n, dim = _check_kv(keys, values, allow_empty=True, scan_values=scan_values)
+    if (batch, heads, dim) != (memory.batch, memory.kv_heads, memory.head_dim):
+        raise ValueError(f"keys must be [{memory.batch}, {memory.kv_heads}, n, {memory.head_dim}] like the memory, "
+                         f"got {list(keys.shape)}")
+    if keys.dtype != memory.dtype:
+        raise ValueError(f"keys dtype {keys.dtype} differs from the memory's {memory.dtype}")
+    return n
+
+
+def _grown_capacity(memory, n: int, multiple: int) -> int:
+    """The token capacity the caches grow to (a multiple of `multiple`, by at least a
+    quarter) when `n` more tokens do not fit; 0 when they do."""
+    needed = int(memory.lengths.max()) + n
+    if needed <= memory.token_capacity:
+        return 0
+    return _round_up(max(needed, memory.token_capacity + memory.token_capacity // 4), multiple)
+
+
+def store_kv(run: Run, memory, keys, values, k_cache, v_cache, start: tuple, counts: tuple) -> None:
+    """Write the new tokens' K/V at `start` on the apply device and advance the lengths:
+    the last part of every prepare and append."""
+    run.run(Step.APPLY, "store_tokens", k_cache, keys, start, counts, label="prepare")
+    run.run(Step.APPLY, "store_tokens", v_cache, values, start, counts, label="prepare")
+    memory.k_cache, memory.v_cache = k_cache, v_cache
+    memory.lengths = memory.lengths + np.asarray(counts, dtype=np.int64)
+    memory.max_length = int(memory.lengths.max())
+    memory._lengths_on.clear()
+
+
+class SharesApply:
+    """A method implementation whose KV cache and apply step are page-sparse's: the ops
+    in KV_OPS come from `method.attention`'s implementation on the same backend."""
+
+    def __init__(self, method, backend: str):
+        self.method = method
+        self.attention = method.attention.impl(backend)
+        for op in KV_OPS:
+            setattr(self, op, getattr(self.attention, op))
 
 
 # --- torch ----------------------------------------------------------------------------

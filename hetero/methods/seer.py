@@ -46,8 +46,9 @@ from ..backends import opencl
 from ..runtime import Run, Step
 from . import seer_reference as ref
 from .base import Method
-from .page_sparse import (PageSparseAttention, _check_kv, _check_lengths, _check_query, _nbytes, _nonnegative_int,
-                          _positive_int, _round_up, synthetic_cache)
+from .page_sparse import (PageSparseAttention, SharesApply, _capacity, _check_append, _check_kv, _check_lengths,
+                          _check_query, _grown_capacity, _nbytes, _nonnegative_int, _positive_int, _round_up, store_kv,
+                          synthetic_cache)
 
 KERNEL_FILE = "seer.cl"
 WEIGHT_NAMES = ("w_q", "w_k")
@@ -402,12 +403,7 @@ class SeerAttention(Method):
         batch, heads, seq, dim = _check_kv(keys, values)
         lengths = _check_lengths(lengths, batch, seq)
         weights = self.weights(dim)
-        longest = int(lengths.max())
-        if capacity is None:
-            capacity = longest + max(256, longest // 8)
-        elif isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < longest:
-            raise ValueError(f"capacity must be an int >= the longest sequence ({longest}), got {capacity!r}")
-        tokens = _round_up(capacity, self.block_size)
+        tokens = _round_up(_capacity(capacity, lengths), self.block_size)
         tail = torch.zeros(batch, heads, 2, dim)
         tail[:, :, 0] = -math.inf  # no partial block yet: the identities of max and sum
         memory = SeerMemory(
@@ -425,24 +421,17 @@ class SeerAttention(Method):
     def append(self, run: Run, memory: SeerMemory, keys, values) -> SeerMemory:
         """Extend every sequence by keys/values [B, H, n, D]: the blocks the new tokens touch
         get new gate keys (in place). Everything is checked before anything changes."""
-        batch, heads, n, dim = _check_kv(keys, values, allow_empty=True, scan_values=run.validate)
-        if (batch, heads, dim) != (memory.batch, memory.kv_heads, memory.head_dim):
-            raise ValueError(f"keys must be [{memory.batch}, {memory.kv_heads}, n, {memory.head_dim}] like the memory, "
-                             f"got {list(keys.shape)}")
-        if keys.dtype != memory.dtype:
-            raise ValueError(f"keys dtype {keys.dtype} differs from the memory's {memory.dtype}")
+        n = _check_append(memory, keys, values, run.validate)
         if n == 0:
             return memory
-        needed = int(memory.lengths.max()) + n
         gate_keys, k_cache, v_cache = memory.gate_keys, memory.k_cache, memory.v_cache
-        if needed > memory.token_capacity:  # grow into new arrays; the old ones stay valid until the end
-            tokens = _round_up(max(needed, memory.token_capacity + memory.token_capacity // 4), self.block_size)
+        tokens = _grown_capacity(memory, n, self.block_size)
+        if tokens:  # grow into new arrays; the old ones stay valid until the end
             gate_keys = run.run(Step.RELEVANCY, "grow_gate_keys", gate_keys, tokens // self.block_size,
                                 label="prepare")
             k_cache = run.run(Step.APPLY, "grow_cache", k_cache, tokens, label="prepare")
             v_cache = run.run(Step.APPLY, "grow_cache", v_cache, tokens, label="prepare")
-        count = np.full(batch, n, dtype=np.int64)
-        self._write(run, memory, keys, values, gate_keys, k_cache, v_cache, count)
+        self._write(run, memory, keys, values, gate_keys, k_cache, v_cache, np.full(memory.batch, n, dtype=np.int64))
         return memory
 
     def _write(self, run, memory, keys, values, gate_keys, k_cache, v_cache, count):
@@ -452,12 +441,8 @@ class SeerAttention(Method):
         start, counts = tuple(memory.lengths.tolist()), tuple(count.tolist())
         delta = run.run(Step.PREPARE, "pool_project", keys, memory.tail, memory.w_k, start, counts, n_local)
         run.run(Step.RELEVANCY, "store_gate_keys", gate_keys, delta, start, counts, memory.head_dim, label="prepare")
-        run.run(Step.APPLY, "store_tokens", k_cache, keys, start, counts, label="prepare")
-        run.run(Step.APPLY, "store_tokens", v_cache, values, start, counts, label="prepare")
-        memory.gate_keys, memory.k_cache, memory.v_cache = gate_keys, k_cache, v_cache
-        memory.lengths = memory.lengths + count
-        memory.max_length = int(memory.lengths.max())
-        memory._lengths_on.clear()
+        memory.gate_keys = gate_keys
+        store_kv(run, memory, keys, values, k_cache, v_cache, start, counts)
 
     def step(self, run: Run, query, memory: SeerMemory):
         """One decode token's query [B, Hq, D] -> attention output [B, Hq, D] on its device."""
@@ -495,25 +480,12 @@ def _blocks_of(lengths, block_size: int):
 
 # --- torch ----------------------------------------------------------------------------
 
-class TorchSeer:
+class TorchSeer(SharesApply):
     """All four steps with torch ops, on CPU or GPU; the KV cache and apply are page-sparse's."""
 
     def __init__(self, method: SeerAttention):
+        super().__init__(method, "torch")
         self.block_size = method.block_size
-        self.attention = method.attention.impl("torch")
-
-    # KV cache and apply: page-sparse's block-sparse attention (pages = blocks)
-    def empty_cache(self, dev, shape, dtype):
-        return self.attention.empty_cache(dev, shape, dtype)
-
-    def grow_cache(self, dev, cache, tokens):
-        return self.attention.grow_cache(dev, cache, tokens)
-
-    def store_tokens(self, dev, cache, new, start, count):
-        return self.attention.store_tokens(dev, cache, new, start, count)
-
-    def sparse_attention(self, dev, k_cache, v_cache, query, block_ids, lengths, scale):
-        return self.attention.sparse_attention(dev, k_cache, v_cache, query, block_ids, lengths, scale)
 
     # gate keys: zero-filled, capacity-padded like the KV cache
     def empty_gate_keys(self, dev, shape, dtype):
@@ -606,14 +578,13 @@ class TorchSeer:
 
 # --- OpenCL ---------------------------------------------------------------------------
 
-class OpenCLSeer:
+class OpenCLSeer(SharesApply):
     """Steps as OpenCL kernels (fpga_kernels/seer.cl), with the fused relevancy+retrieval
     used when both share a device; the KV cache and apply are page-sparse's kernels.
     Storage is half for float16 keys, float otherwise; compute is float32."""
 
     def __init__(self, method: SeerAttention):
-        self.method = method
-        self.attention = method.attention.impl("opencl")
+        super().__init__(method, "opencl")
 
     def _program(self, dev, head_dim: int, half: bool):
         from . import _seer_cl as kernels
@@ -621,18 +592,6 @@ class OpenCLSeer:
         m = self.method
         defines = kernels.defines(head_dim, m.gate_dim, m.block_size, m.budget_blocks, half)
         return opencl.queue(dev), opencl.program(dev, kernels.KERNEL_FILE, defines), kernels
-
-    def empty_cache(self, dev, shape, dtype):
-        return self.attention.empty_cache(dev, shape, dtype)
-
-    def grow_cache(self, dev, cache, tokens):
-        return self.attention.grow_cache(dev, cache, tokens)
-
-    def store_tokens(self, dev, cache, new, start, count):
-        return self.attention.store_tokens(dev, cache, new, start, count)
-
-    def sparse_attention(self, dev, k_cache, v_cache, query, block_ids, lengths, scale):
-        return self.attention.sparse_attention(dev, k_cache, v_cache, query, block_ids, lengths, scale)
 
     def empty_gate_keys(self, dev, shape, dtype):
         return self.attention.empty_cache(dev, shape, dtype)
@@ -679,28 +638,16 @@ def _as(queue, array, dtype):
 
 # --- host (C++ shim) ------------------------------------------------------------------
 
-class HostSeer:
+class HostSeer(SharesApply):
     """The CPU through the C++ shim: retrieval's top-k (`topk`), apply's block gather and
     the append scatter run in the shim (page-sparse's host implementation); pooling,
     projection and the gate softmax run as torch ops on zero-copy views of the same host
     arrays (the shim has no GEMM)."""
 
     def __init__(self, method: SeerAttention):
+        super().__init__(method, "host")
         self.block_size = method.block_size
-        self.attention = method.attention.impl("host")
         self.torch = TorchSeer(method)
-
-    def empty_cache(self, dev, shape, dtype):
-        return self.attention.empty_cache(dev, shape, dtype)
-
-    def grow_cache(self, dev, cache, tokens):
-        return self.attention.grow_cache(dev, cache, tokens)
-
-    def store_tokens(self, dev, cache, new, start, count):
-        return self.attention.store_tokens(dev, cache, new, start, count)
-
-    def sparse_attention(self, dev, k_cache, v_cache, query, block_ids, lengths, scale):
-        return self.attention.sparse_attention(dev, k_cache, v_cache, query, block_ids, lengths, scale)
 
     def empty_gate_keys(self, dev, shape, dtype):
         return self.attention.empty_cache(dev, shape, dtype)
