@@ -29,7 +29,7 @@ from . import dsa_reference as ref
 from .base import Method
 from .page_sparse import (PageSparseAttention, PageSparseMemory, SharesApply, _capacity, _check_append, _check_kv,
                           _check_lengths, _check_query, _check_tensor, _grown_capacity, _nonnegative_int,
-                          _positive_int, store_kv, synthetic_cache)
+                          _positive_int, kv_work, storage_bytes, store_kv, synthetic_cache)
 from .page_sparse_reference import sparse_attention as reference_attention
 
 WEIGHT_NAMES = ("w_k", "w_q", "w_w")
@@ -86,6 +86,7 @@ class DSAIndexer(Method):
         Step.APPLY: ("sparse_attention", "empty_cache", "grow_cache", "store_tokens"),
     }
     fusions = {(Step.RELEVANCY, Step.RETRIEVAL): "relevancy_retrieval"}
+    TOKEN_AXES = (2, 2, 1)  # keys, values [B, H, S, D], hidden [B, S, hidden]
 
     def __init__(self, index_heads: int = 64, index_dim: int = 128, rope_dim: int | None = None, top_k: int = 2048,
                  weights: dict | None = None, seed: int = 0, scale: float | None = None):
@@ -202,15 +203,14 @@ class DSAIndexer(Method):
         from ..cost.model import Access, Task, Workload, safe_log2
 
         s = self.shapes(**shapes)
-        b, h, hq, d, ctx, hid = s["batch"], s["kv_heads"], s["q_heads"], s["head_dim"], s["context"], s["hidden"]
+        b, h, ctx, hid = s["batch"], s["kv_heads"], s["context"], s["hidden"]
         hi, di, layers = self.index_heads, self.index_dim, s["layers"]
         k = min(self.top_k, ctx)
-        in_size = 4 if s["dtype"] == "float32" else 2
-        kv_elt = 2 if (s["dtype"] == "float16" or backends[Step.APPLY] != "opencl") and in_size == 2 else 4
+        in_size = storage_bytes(s["dtype"], "torch")
         index = b * ctx * di * 4
-        kv = 2 * b * h * ctx * d * kv_elt
         packed = b * hi * (di + 1) * 4
-        query_bytes, ids_bytes, out_bytes = b * hq * d * in_size, b * h * k * 4, b * hq * d * 4
+        ids_bytes = b * h * k * 4
+        kvw = kv_work(s, backends, appended, k, "ids")
         weights = 4 * hid * (di + hi * (di + 1))
         tasks: list[Task] = []
 
@@ -219,13 +219,10 @@ class DSAIndexer(Method):
 
         if allocate:
             tasks += [Task(Step.RELEVANCY, "empty_cache", 0, "float32", "stream",
-                           (Access("index_keys", index, index * layers),), launches=1)]
-            tasks += [Task(Step.APPLY, "empty_cache", 0, "float32", "stream",
-                           (Access("kv_cache", kv / 2, kv * layers),), launches=1)] * 2
+                           (Access("index_keys", index, index * layers),), launches=1), *kvw.allocate]
         if appended:
             new_hidden = b * appended * hid * in_size
             new_index = b * appended * di * 4
-            new_kv = b * h * appended * d * in_size
             tasks += [
                 Task(Step.PREPARE, "project_keys", 2 * b * appended * hid * di, "float32", "stream",
                      (Access("hidden", new_hidden, new_hidden), Access("weights", 4 * hid * di, weights),
@@ -236,11 +233,7 @@ class DSAIndexer(Method):
                      launches(Step.PREPARE, {"torch": 4, "host": 4, "opencl": 2})),
                 Task(Step.RELEVANCY, "store_tokens", 0, "float32", "stream",
                      (Access("index_keys", 2 * new_index, index * layers),), ("new_index",),
-                     launches=launches(Step.RELEVANCY, {"torch": b, "host": 1, "opencl": 1}))]
-            for what in ("new_keys", "new_values"):
-                tasks.append(Task(Step.APPLY, "store_tokens", 0, "float32", "stream",
-                                  (Access("kv_cache", 2 * new_kv * kv_elt / in_size, kv * layers),), (what,),
-                                  launches=launches(Step.APPLY, {"torch": b, "host": 1, "opencl": 1})))
+                     launches=launches(Step.RELEVANCY, {"torch": b, "host": 1, "opencl": 1})), *kvw.store]
         if query:
             scan_flops = 2 * b * ctx * hi * (di + 1)
             keys_read = Access("index_keys", index, index * layers)
@@ -262,19 +255,12 @@ class DSAIndexer(Method):
                                   (Access("scores", passes * scores + ids_bytes, scores),),
                                   ("scores", "lengths"), (("ids", ids_bytes),),
                                   launches(Step.RETRIEVAL, {"torch": 12, "host": 6, "opencl": 1})))
-            gathered = 2 * b * h * k * d * kv_elt
-            tasks.append(Task(Step.APPLY, "sparse_attention", 4 * b * hq * k * d, "float32", "gather",
-                              (Access("kv_cache", gathered, kv * layers), Access("output", out_bytes, out_bytes)),
-                              ("query", "ids", "lengths"), (("output", out_bytes),),
-                              launches(Step.APPLY, {"torch": 20, "host": 17, "opencl": 1})))
-        inputs = {"lengths": b * 4}
+            tasks.append(kvw.apply)
+        inputs = kvw.inputs(b, bool(appended), query)
         if appended:
-            inputs.update(hidden=b * appended * hid * in_size, new_keys=b * h * appended * d * in_size,
-                          new_values=b * h * appended * d * in_size)
-        if query:
-            inputs["query"] = query_bytes
+            inputs["hidden"] = b * appended * hid * in_size
         resident = {Step.PREPARE: {"weights": weights}, Step.RELEVANCY: {"index_keys": index * layers},
-                    Step.APPLY: {"kv_cache": kv * layers}}
+                    Step.APPLY: {"kv_cache": kvw.resident}}
         return Workload(tasks, inputs, ("output",) if query else (), resident, layers)
 
     # --- inputs and reference -------------------------------------------------------------

@@ -99,6 +99,7 @@ class PageSparseAttention(Method):
         Step.APPLY: ("sparse_attention", "empty_cache", "grow_cache", "store_tokens"),
     }
     fusions = {(Step.RELEVANCY, Step.RETRIEVAL): "relevancy_retrieval"}
+    TOKEN_AXES = (2, 2)  # keys, values [B, H, S, D]
 
     def __init__(self, page_size: int = 16, budget_tokens: int | None = None, budget_pages: int | None = None,
                  sink_pages: int = 1, local_pages: int = 2, scale: float | None = None):
@@ -171,18 +172,15 @@ class PageSparseAttention(Method):
         s = self.shapes(**shapes)
         b, h, hq, d, ctx = s["batch"], s["kv_heads"], s["q_heads"], s["head_dim"], s["context"]
         page, layers = self.page_size, s["layers"]
-        in_size = 4 if s["dtype"] == "float32" else 2
         pages = -(-ctx // page)
         k = min(self.budget_pages, pages)
 
-        def elt(step):  # OpenCL stores float16 as half and everything else as float
-            if backends[step] == "opencl":
-                return 2 if s["dtype"] == "float16" else 4
-            return in_size
+        def elt(step):
+            return storage_bytes(s["dtype"], backends[step])
 
         summary = b * h * pages * 2 * d * elt(Step.RELEVANCY)
-        kv = 2 * b * h * ctx * d * elt(Step.APPLY)
-        query_bytes, ids_bytes, out_bytes = b * hq * d * in_size, b * h * k * 4, b * hq * d * 4
+        kvw = kv_work(s, backends, appended, k * page, "page_ids")
+        query_bytes, ids_bytes = kvw.reads["query"], b * h * k * 4
         tasks: list[Task] = []
 
         def launches(step, per_backend):  # kernels (torch ops, shim calls) each operation issues, counted in the code below
@@ -190,13 +188,9 @@ class PageSparseAttention(Method):
 
         if allocate:
             tasks += [Task(Step.RELEVANCY, "empty_summary", 0, "float32", "stream",
-                           (Access("summary", summary, summary * layers),), launches=1),
-                      Task(Step.APPLY, "empty_cache", 0, "float32", "stream",
-                           (Access("kv_cache", kv / 2, kv * layers),), launches=1),
-                      Task(Step.APPLY, "empty_cache", 0, "float32", "stream",
-                           (Access("kv_cache", kv / 2, kv * layers),), launches=1)]
+                           (Access("summary", summary, summary * layers),), launches=1), *kvw.allocate]
         if appended:
-            new = b * h * appended * d * in_size
+            new = kvw.reads["new_keys"]
             local = -(-appended // page) + 1
             delta = b * h * local * 2 * d * elt(Step.RELEVANCY)
             tasks += [
@@ -205,11 +199,7 @@ class PageSparseAttention(Method):
                      launches(Step.PREPARE, {"torch": 3 + 4 * b, "host": 3 + 4 * b, "opencl": 1})),
                 Task(Step.RELEVANCY, "merge_summary", 2 * b * h * local * d, "float32", "stream",
                      (Access("summary", 3 * delta, summary * layers),), ("delta",), (),
-                     launches(Step.RELEVANCY, {"torch": 2 * b, "host": 2 * b, "opencl": 1}))]
-            for what in ("new_keys", "new_values"):
-                tasks.append(Task(Step.APPLY, "store_tokens", 0, "float32", "stream",
-                                  (Access("kv_cache", 2 * new * elt(Step.APPLY) / in_size, kv * layers),), (what,),
-                                  launches=launches(Step.APPLY, {"torch": b, "host": 1, "opencl": 1})))
+                     launches(Step.RELEVANCY, {"torch": 2 * b, "host": 2 * b, "opencl": 1})), *kvw.store]
         if query:
             scan_flops = 4 * b * hq * pages * d
             summary_read = Access("summary", summary, summary * layers)
@@ -230,18 +220,9 @@ class PageSparseAttention(Method):
                                   (Access("scores", passes * scores + ids_bytes, scores),),
                                   ("scores", "lengths"), (("page_ids", ids_bytes),),
                                   launches(Step.RETRIEVAL, {"torch": 25, "host": 10, "opencl": 2})))
-            gathered = 2 * b * h * k * page * d * elt(Step.APPLY)
-            tasks.append(Task(Step.APPLY, "sparse_attention", 4 * b * hq * k * page * d, "float32", "gather",
-                              (Access("kv_cache", gathered, kv * layers), Access("output", out_bytes, out_bytes)),
-                              ("query", "page_ids", "lengths"), (("output", out_bytes),),
-                              launches(Step.APPLY, {"torch": 20, "host": 17, "opencl": 1})))
-        inputs = {"lengths": b * 4}
-        if appended:
-            inputs.update(new_keys=b * h * appended * d * in_size, new_values=b * h * appended * d * in_size)
-        if query:
-            inputs["query"] = query_bytes
-        resident = {Step.RELEVANCY: {"summary": summary * layers}, Step.APPLY: {"kv_cache": kv * layers}}
-        return Workload(tasks, inputs, ("output",) if query else (), resident, layers)
+            tasks.append(kvw.apply)
+        resident = {Step.RELEVANCY: {"summary": summary * layers}, Step.APPLY: {"kv_cache": kvw.resident}}
+        return Workload(tasks, kvw.inputs(b, bool(appended), query), ("output",) if query else (), resident, layers)
 
     def example_inputs(self, shapes: dict | None = None, seed: int = 0):
         """Synthetic inputs at `shapes` (see `shapes()`; the context is the cache length):
@@ -459,6 +440,56 @@ def store_kv(run: Run, memory, keys, values, k_cache, v_cache, start: tuple, cou
     memory.lengths = memory.lengths + np.asarray(counts, dtype=np.int64)
     memory.max_length = int(memory.lengths.max())
     memory._lengths_on.clear()
+
+
+def storage_bytes(dtype: str, backend: str) -> int:
+    """Bytes per stored element of `dtype` on `backend`: OpenCL stores float16 as half and
+    everything else as float; torch and the host keep the caller's dtype."""
+    if backend == "opencl":
+        return 2 if dtype == "float16" else 4
+    return 4 if dtype == "float32" else 2
+
+
+@dataclass
+class KVWork:
+    """The KV cache's share of any method's workload (see `kv_work`), in flow order: the
+    two caches' allocation, the two stores of each append, apply over the selection."""
+
+    allocate: list
+    store: list
+    apply: object
+    reads: dict  # bytes of new_keys, new_values and query, values the call receives
+    resident: float  # bytes of K and V over all layers
+
+    def inputs(self, batch: int, appended: bool, query: bool) -> dict:
+        """A call's inputs from the home device: lengths, and the new K/V and/or the query."""
+        names = (("new_keys", "new_values") if appended else ()) + (("query",) if query else ())
+        return {"lengths": batch * 4, **{n: self.reads[n] for n in names}}
+
+
+def kv_work(s: dict, backends: dict, appended: int, selected_tokens: int, ids: str) -> KVWork:
+    """Cost-model tasks of the KV cache for shapes `s`: `appended` tokens per sequence
+    stored, then attention over `selected_tokens` per sequence and KV head whose ids
+    arrive as the value `ids`."""
+    from ..cost.model import Access, Task
+
+    b, h, hq, d, ctx, layers = s["batch"], s["kv_heads"], s["q_heads"], s["head_dim"], s["context"], s["layers"]
+    backend = backends[Step.APPLY]
+    in_size, elt = storage_bytes(s["dtype"], "torch"), storage_bytes(s["dtype"], backend)
+    kv = 2 * b * h * ctx * d * elt
+    new = b * h * appended * d * in_size
+    out_bytes = b * hq * d * 4
+    allocate = [Task(Step.APPLY, "empty_cache", 0, "float32", "stream", (Access("kv_cache", kv / 2, kv * layers),),
+                     launches=1) for _ in range(2)]
+    store = [Task(Step.APPLY, "store_tokens", 0, "float32", "stream",
+                  (Access("kv_cache", 2 * new * elt / in_size, kv * layers),), (what,),
+                  launches={"torch": b, "host": 1, "opencl": 1}[backend]) for what in ("new_keys", "new_values")]
+    gathered = 2 * b * h * selected_tokens * d * elt
+    apply = Task(Step.APPLY, "sparse_attention", 4 * b * hq * selected_tokens * d, "float32", "gather",
+                 (Access("kv_cache", gathered, kv * layers), Access("output", out_bytes, out_bytes)),
+                 ("query", ids, "lengths"), (("output", out_bytes),), {"torch": 20, "host": 17, "opencl": 1}[backend])
+    reads = {"new_keys": new, "new_values": new, "query": b * hq * d * in_size}
+    return KVWork(allocate, store, apply, reads, kv * layers)
 
 
 class SharesApply:

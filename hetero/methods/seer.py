@@ -47,8 +47,8 @@ from ..runtime import Run, Step
 from . import seer_reference as ref
 from .base import Method
 from .page_sparse import (PageSparseAttention, SharesApply, _capacity, _check_append, _check_kv, _check_lengths,
-                          _check_query, _grown_capacity, _nbytes, _nonnegative_int, _positive_int, _round_up, store_kv,
-                          synthetic_cache)
+                          _check_query, _grown_capacity, _nbytes, _nonnegative_int, _positive_int, _round_up, kv_work,
+                          storage_bytes, store_kv, synthetic_cache)
 
 KERNEL_FILE = "seer.cl"
 WEIGHT_NAMES = ("w_q", "w_k")
@@ -138,6 +138,7 @@ class SeerAttention(Method):
         Step.APPLY: ("sparse_attention", "empty_cache", "grow_cache", "store_tokens"),
     }
     fusions = {(Step.RELEVANCY, Step.RETRIEVAL): "relevancy_retrieval"}
+    TOKEN_AXES = (2, 2)  # keys, values [B, H, S, D]
 
     def __init__(self, block_size: int = 64, budget_tokens: int | None = None, budget_blocks: int | None = None,
                  threshold: float | None = None, sink_blocks: int = 1, local_blocks: int = 2, gate_dim: int = 128,
@@ -288,19 +289,16 @@ class SeerAttention(Method):
         s = self.shapes(**shapes)
         b, h, hq, d, ctx = s["batch"], s["kv_heads"], s["q_heads"], s["head_dim"], s["context"]
         blk, layers, gd = self.block_size, s["layers"], self.gate_dim
-        in_size = 4 if s["dtype"] == "float32" else 2
         blocks = -(-ctx // blk)
         k = min(self.budget_blocks, blocks)
 
-        def elt(step):  # OpenCL stores float16 as half and everything else as float
-            if backends[step] == "opencl":
-                return 2 if s["dtype"] == "float16" else 4
-            return in_size
+        def elt(step):
+            return storage_bytes(s["dtype"], backends[step])
 
         gate = b * h * blocks * gd * elt(Step.RELEVANCY)
-        kv = 2 * b * h * ctx * d * elt(Step.APPLY)
+        kvw = kv_work(s, backends, appended, k * blk, "block_ids")
         w_q, w_k, tail = gd * d * 4, gd * 2 * d * 4, b * h * 2 * d * 4
-        query_bytes, ids_bytes, out_bytes = b * hq * d * in_size, b * h * k * 4, b * hq * d * 4
+        query_bytes, ids_bytes = kvw.reads["query"], b * h * k * 4
         scores = b * h * blocks * 4
         tasks: list[Task] = []
 
@@ -309,13 +307,9 @@ class SeerAttention(Method):
 
         if allocate:
             tasks += [Task(Step.RELEVANCY, "empty_gate_keys", 0, "float32", "stream",
-                           (Access("gate_keys", gate, gate * layers),), launches=1),
-                      Task(Step.APPLY, "empty_cache", 0, "float32", "stream",
-                           (Access("kv_cache", kv / 2, kv * layers),), launches=1),
-                      Task(Step.APPLY, "empty_cache", 0, "float32", "stream",
-                           (Access("kv_cache", kv / 2, kv * layers),), launches=1)]
+                           (Access("gate_keys", gate, gate * layers),), launches=1), *kvw.allocate]
         if appended:
-            new = b * h * appended * d * in_size
+            new = kvw.reads["new_keys"]
             local = -(-(appended + blk - 1) // blk)  # blocks the new tokens can touch
             delta = b * h * local * gd * elt(Step.PREPARE)
             pool_flops = 2 * b * h * appended * d + 2 * b * h * local * gd * 2 * d
@@ -326,11 +320,7 @@ class SeerAttention(Method):
                      launches(Step.PREPARE, {"torch": 1 + 16 * b, "host": 1 + 16 * b, "opencl": 2})),
                 Task(Step.RELEVANCY, "store_gate_keys", 0, "float32", "stream",
                      (Access("gate_keys", 2 * delta * elt(Step.RELEVANCY) / elt(Step.PREPARE), gate * layers),),
-                     ("delta",), (), launches(Step.RELEVANCY, {"torch": b, "host": b, "opencl": 1}))]
-            for what in ("new_keys", "new_values"):
-                tasks.append(Task(Step.APPLY, "store_tokens", 0, "float32", "stream",
-                                  (Access("kv_cache", 2 * new * elt(Step.APPLY) / in_size, kv * layers),), (what,),
-                                  launches=launches(Step.APPLY, {"torch": b, "host": 1, "opencl": 1})))
+                     ("delta",), (), launches(Step.RELEVANCY, {"torch": b, "host": b, "opencl": 1})), *kvw.store]
         if query:
             # group mean + gate query projection + logits + softmax
             gate_flops = b * hq * d + 2 * b * h * gd * d + 2 * b * h * blocks * gd + 5 * b * h * blocks
@@ -359,20 +349,11 @@ class SeerAttention(Method):
                                   ("scores", "lengths"), (("block_ids", ids_bytes),),
                                   launches(Step.RETRIEVAL, {"torch": 25 if topk_mode else 36,
                                                             "host": 10 if topk_mode else 16, "opencl": 1})))
-            gathered = 2 * b * h * k * blk * d * elt(Step.APPLY)
-            tasks.append(Task(Step.APPLY, "sparse_attention", 4 * b * hq * k * blk * d, "float32", "gather",
-                              (Access("kv_cache", gathered, kv * layers), Access("output", out_bytes, out_bytes)),
-                              ("query", "block_ids", "lengths"), (("output", out_bytes),),
-                              launches(Step.APPLY, {"torch": 20, "host": 17, "opencl": 1})))
-        inputs = {"lengths": b * 4}
-        if appended:
-            inputs.update(new_keys=b * h * appended * d * in_size, new_values=b * h * appended * d * in_size)
-        if query:
-            inputs["query"] = query_bytes
+            tasks.append(kvw.apply)
         resident = {Step.PREPARE: {"tail": tail * layers, "w_k": w_k * layers},
                     Step.RELEVANCY: {"gate_keys": gate * layers, "w_q": w_q * layers},
-                    Step.APPLY: {"kv_cache": kv * layers}}
-        return Workload(tasks, inputs, ("output",) if query else (), resident, layers)
+                    Step.APPLY: {"kv_cache": kvw.resident}}
+        return Workload(tasks, kvw.inputs(b, bool(appended), query), ("output",) if query else (), resident, layers)
 
     def example_inputs(self, shapes: dict | None = None, seed: int = 0):
         """Synthetic inputs at `shapes` (see `shapes()`; the context is the cache length):
