@@ -6,7 +6,7 @@ Same conventions as ``_page_sparse_cl``: every launcher takes a ``pyopencl.Comma
 only), ``events`` listing every enqueued command in order. Nothing here waits on the
 device: each enqueue waits for the events of its input arrays and results carry their
 events. Kernel objects, with their scalar argument types declared, are cached per program
-and per thread.
+and per thread (`_page_sparse_cl`'s cache).
 
 Storage type T (new keys, gate keys) is float32 or float16, matching the program's
 STORAGE_HALF; the running stats, weights, queries and probabilities are float32, ids and
@@ -15,12 +15,12 @@ lengths int32. The math is hetero/methods/seer_reference.py.
 
 from __future__ import annotations
 
-import threading
-import weakref
-
 import numpy as np
 import pyopencl as cl
 import pyopencl.array as cla
+
+from ._page_sparse_cl import _events_of
+from ._page_sparse_cl import _run as _page_sparse_run
 
 KERNEL_FILE = "seer.cl"
 
@@ -47,36 +47,8 @@ def defines(head_dim: int, gate_dim: int, block_size: int, k_max: int, storage_h
     }
 
 
-_tls = threading.local()
-
-
-def _kernel(prg, name: str) -> cl.Kernel:
-    cache = getattr(_tls, "kernels", None)
-    if cache is None:
-        cache = _tls.kernels = weakref.WeakKeyDictionary()
-    per_prg = cache.get(prg)
-    if per_prg is None:
-        per_prg = cache[prg] = {}
-    knl = per_prg.get(name)
-    if knl is None:
-        knl = cl.Kernel(prg, name)
-        knl.set_scalar_arg_dtypes(_ARG_TYPES[name])
-        per_prg[name] = knl
-    return knl
-
-
-def _events_of(*arrays) -> list:
-    evs = []
-    for a in arrays:
-        evs.extend(getattr(a, "events", None) or [])
-    return evs
-
-
 def _run(queue, prg, name, gsize, args, wait_for=(), outputs=()):
-    evt = _kernel(prg, name)(queue, gsize, None, *args, wait_for=list(wait_for) or None)
-    for o in outputs:
-        o.add_event(evt)
-    return evt
+    return _page_sparse_run(queue, prg, name, gsize, None, args, wait_for, outputs, _ARG_TYPES)
 
 
 def _gate_scale(gate_dim: int) -> float:
