@@ -16,10 +16,8 @@
  * contiguous loads). On an FPGA the same loop nest is a systolic array fed by the key
  * stream; on an AVX-512 CPU it keeps 16 vector accumulators in registers.
  *
- * select_topk is an exact radix select: three histogram passes over the row's keys (bits
- * 31-21, 20-10, 9-0 of an order-preserving integer image of the score) find the k-th
- * largest value and how many of its ties to keep, then one compaction pass streams out the
- * chosen ids in ascending order. -0.0 is read as +0.0 so equal scores are equal keys.
+ * select_topk (select_topk.clh, shared with other kernel files) is an exact radix select
+ * that streams out the chosen ids in ascending order.
  *
  * Compile-time constants (-D): IH (index heads, a multiple of 16), ID (index head dim).
  */
@@ -169,67 +167,4 @@ __kernel void index_scores(const __global float *keys, /* [B, cap, ID] */
     }
 }
 
-/* An unsigned image of a float whose order is the float order, with -0.0 as +0.0. */
-inline uint order_key(const float f)
-{
-    uint u = as_uint(f);
-    if ((u << 1) == 0u)
-        u = 0u;
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-#define RADIX_BITS 11
-#define RADIX_BINS (1 << RADIX_BITS)
-
-/* One work-item per row b: global (B). ids [B, kv_heads, width]. */
-__kernel void select_topk(const __global float *scores, /* [B, n] */
-                          const __global int *lengths, const int n, const int k, const int kv_heads,
-                          const int width, __global int *ids)
-{
-    const int b = get_global_id(0);
-    const __global float *row = scores + (size_t)b * n;
-    const int len = min(lengths[b], n);
-    __global int *out = ids + (size_t)b * kv_heads * width;
-    int pos = 0;
-    if (k >= len) { /* every valid token */
-        for (int s = 0; s < len; ++s)
-            out[pos++] = s;
-    } else {
-        uint hist[RADIX_BINS];
-        uint prefix = 0u, mask = 0u;
-        int rank = k; /* the k-th largest is the rank-th largest among keys matching prefix */
-        const int shifts[3] = {21, 10, 0}, bits[3] = {11, 11, 10};
-        for (int p = 0; p < 3; ++p) {
-            const int nb = 1 << bits[p];
-            const uint digit_mask = (uint)(nb - 1);
-            for (int i = 0; i < nb; ++i)
-                hist[i] = 0u;
-            for (int s = 0; s < len; ++s) {
-                const uint u = order_key(row[s]);
-                if ((u & mask) == prefix)
-                    hist[(u >> shifts[p]) & digit_mask]++;
-            }
-            int bin = nb - 1;
-            uint above = 0u;
-            while (above + hist[bin] < (uint)rank) {
-                above += hist[bin];
-                --bin;
-            }
-            rank -= (int)above;
-            prefix |= (uint)bin << shifts[p];
-            mask |= digit_mask << shifts[p];
-        }
-        /* prefix is now the k-th largest key; keep `rank` of its ties, the lowest indices */
-        int ties = rank;
-        for (int s = 0; s < len; ++s) {
-            const uint u = order_key(row[s]);
-            if (u > prefix || (u == prefix && ties-- > 0))
-                out[pos++] = s;
-        }
-    }
-    for (int i = pos; i < width; ++i)
-        out[i] = -1;
-    for (int h = 1; h < kv_heads; ++h)
-        for (int i = 0; i < width; ++i)
-            out[h * width + i] = out[i];
-}
+#include "select_topk.clh"

@@ -10,6 +10,7 @@ profiling on, so every kernel and copy carries device timestamps. Programs are b
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,25 @@ def kernel_source_dir() -> Path:
     raise FileNotFoundError(f"OpenCL kernel sources not found next to {here}; reinstall hetero")
 
 
+_INCLUDE = re.compile(r'^#include "([\w.]+)"[ \t]*$', re.M)
+
+
+def kernel_source(kernel_file: str) -> str:
+    """The source of `kernel_file` with its `#include "x.clh"` lines (files beside it)
+    inlined, each once: one self-contained text, so PoCL's build cache sees every change
+    and no include path has to reach the device compiler."""
+    seen: set[str] = set()
+
+    def inline(match) -> str:
+        name = match.group(1)
+        if name in seen:
+            return ""
+        seen.add(name)
+        return _INCLUDE.sub(inline, (kernel_source_dir() / name).read_text())
+
+    return _INCLUDE.sub(inline, (kernel_source_dir() / kernel_file).read_text())
+
+
 def binary_name(kernel_file: str, defines: dict[str, int]) -> str:
     """File stem a precompiled binary must carry: the kernel file's stem plus its defines,
     since an FPGA bitstream is built for fixed compile-time sizes."""
@@ -159,7 +179,7 @@ def program(device: Device, kernel_file: str, defines: dict[str, int]) -> "cl.Pr
         if (device.kind == "fpga" and not device.info.get("modeled")) or device.id in _binary_only:
             prg = _load_binary(device, st, kernel_file, defines)
         else:
-            source = (kernel_source_dir() / kernel_file).read_text()
+            source = kernel_source(kernel_file)
             options = [f"-D{k}={v}" for k, v in sorted(defines.items())] + ["-cl-std=CL1.2"]
             try:
                 prg = cl.Program(st.context, source).build(options=options)

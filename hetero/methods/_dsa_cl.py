@@ -14,6 +14,7 @@ import pyopencl.array as cla
 
 from . import dsa_reference as ref
 from ._page_sparse_cl import _compute_units, _events_of, _run
+from ._select_cl import select_topk
 
 KERNEL_FILE = "dsa.cl"
 
@@ -23,7 +24,6 @@ ARG_TYPES = {
     "project": [_B, _B, _I, _I, _I, _B],
     "rope": [_B, _B, _I, _I, _I],
     "index_scores": [_B, _B, _B, _I, _I, _I, _B],
-    "select_topk": [_B, _B, _I, _I, _I, _I, _B],
 }
 
 # index_scores: work-items per compute unit, and the smallest chunk of tokens worth one
@@ -110,16 +110,8 @@ def relevancy(queue, prg, index_keys, index_query, lengths, n):
 
 def retrieval(queue, prg, scores, lengths, k, kv_heads):
     """ids i32[B, kv_heads, min(k, n)]: each row's top k tokens (ties -> lower index),
-    ascending, -1 padded; the same ids for every KV head."""
-    batch, n = scores.shape
-    width = min(int(k), n)
-    ids = cla.empty(queue, (batch, kv_heads, width), np.int32)
-    if width == 0 or batch == 0:
-        return ids, []
-    evt = _launch(queue, prg, "select_topk", (batch,), (1,),
-                  (scores.data, lengths.data, n, int(k), int(kv_heads), width, ids.data),
-                  _events_of(scores, lengths), (ids,))
-    return ids, [evt]
+    ascending, -1 padded; the same ids for every KV head (select_topk.clh)."""
+    return select_topk(queue, prg, scores, lengths, k, kv_heads)
 
 
 def relevancy_retrieval(queue, prg, index_keys, index_query, lengths, n, k, kv_heads):
