@@ -57,24 +57,31 @@ def cmd_demo(args) -> int:
         agree = "100%" if r.agreement == 1.0 else f"[red]{r.agreement:.1%}[/]"
         error = f"{r.max_error:.1e}" if r.max_error <= demo.tolerance else f"[red]{r.max_error:.1e} MISMATCH[/]"
         table.add_row("", "[bold]step (wall)[/]", needle, f"[bold]{r.step_ms:.2f}[/]", agree, error, end_section=True)
-    table.add_row("dense", "SDPA, GQA", "torch:cpu", f"{demo.dense_ms:.2f}", "", "")
+    if demo.dense_ms is not None:
+        table.add_row("dense", "SDPA, GQA", "torch:cpu", f"{demo.dense_ms:.2f}", "", "")
     console.print(table)
     mixed = next((r for r in demo.results if r.name == "mixed"), None)
     if mixed:
         console.print(f"mixed = {mixed.placement}")
     for name, why in demo.skipped.items():
         console.print(f"[yellow]skipped {name}:[/] {why}")
-    console.print(f"rows agree: (sequence, KV head) rows that selected the reference's set; max err: against exact "
-                  f"attention over the entries the placement selected (tolerance {demo.tolerance:g}); the float64 "
-                  f"reference took {demo.reference_s:.1f} s")
+    if method.family == "retrieval":
+        console.print(f"rows agree: queries whose top-k documents are the reference's set; max err: the scores against "
+                      f"the reference's scores of the same documents (tolerance {demo.tolerance:g}); the float64 "
+                      f"reference took {demo.reference_s:.1f} s")
+    else:
+        console.print(f"rows agree: (sequence, KV head) rows that selected the reference's set; max err: against "
+                      f"exact attention over the entries the placement selected (tolerance {demo.tolerance:g}); the "
+                      f"float64 reference took {demo.reference_s:.1f} s")
     if demo.needle is not None:
         console.print(f"needle token(s) {sorted(set(demo.needle.flatten().tolist()))}")
     if demo.results:
         best = min(demo.results, key=lambda r: r.step_ms)
-        console.print(f"fastest placement: {best.name} {best.step_ms:.2f} ms, [bold]{demo.dense_ms / best.step_ms:.1f}x"
-                      f"[/] faster than dense attention ({demo.dense_ms:.1f} ms)")
-        for r in demo.results:
-            console.print(f"  {r.name}: {demo.dense_ms / r.step_ms:.1f}x")
+        console.print(f"fastest placement: {best.name} {best.step_ms:.2f} ms")
+        if demo.dense_ms is not None:
+            console.print(f"[bold]{demo.dense_ms / best.step_ms:.1f}x[/] faster than dense attention "
+                          f"({demo.dense_ms:.1f} ms); per placement: "
+                          + ", ".join(f"{r.name} {demo.dense_ms / r.step_ms:.1f}x" for r in demo.results))
     if not demo.ok:
         console.print("[red]demo FAILED: a placement disagreed with the reference, missed the needle or ran nowhere[/]")
     return 0 if demo.ok else 1
@@ -82,11 +89,17 @@ def cmd_demo(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from .cost.calibrate import calibrate, fmt_bytes
+    from .methods import get_method
 
+    try:
+        methods = [get_method(name) for name in args.methods] if args.methods else None
+    except ValueError as exc:
+        console.print(f"[red]hetero calibrate:[/] {exc}")
+        return 2
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        result = calibrate(devices=args.devices, quick=args.quick, path=args.out, progress=progress,
-                           repeats=args.repeats)
+        result = calibrate(devices=args.devices, methods=methods, quick=args.quick, path=args.out,
+                           progress=progress, repeats=args.repeats)
     report = result.report
     table = Table(title=f"hetero calibrate{' --quick' if args.quick else ''}: {report['cpu']}")
     for col, justify in (("device", "left"), ("launch", "right"), ("float32", "right"), ("memory levels", "left"),
@@ -100,11 +113,11 @@ def cmd_calibrate(args) -> int:
                       link_text, str(len(prof.ops)))
     console.print(table)
     fits = Table(title="operation fits: time = overhead + roofline / efficiency", title_justify="left")
-    for col in ("device", "operation", "overhead", "efficiency", "shapes kept", "median |error|"):
-        fits.add_column(col, justify="left" if col in ("device", "operation") else "right")
+    for col in ("device", "method", "operation", "overhead", "efficiency", "shapes kept", "median |error|"):
+        fits.add_column(col, justify="left" if col in ("device", "method", "operation") else "right")
     for dev, ops in report["fits"].items():
         for op, f in ops.items():
-            fits.add_row(dev, op.split(".", 1)[1], f"{f['overhead'] * 1e6:.3g} us",
+            fits.add_row(dev, *op.split(".", 1), f"{f['overhead'] * 1e6:.3g} us",
                          f"{min(f['efficiency'], 1.0):.3g}" + (" (clamped)" if f["clamped"] else ""),
                          f"{f['kept']}/{f['n']}", f"{f['median_abs_rel_error']:.1%}")
     console.print(fits)
@@ -216,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(fn=cmd_demo)
     calib = sub.add_parser("calibrate", help="measure this machine's devices and write their cost-model profiles")
     calib.add_argument("--devices", nargs="+", metavar="ID", help="device ids to calibrate (default: every present one)")
-    calib.add_argument("--quick", action="store_true", help="a smaller sweep and shape grid (about a minute)")
+    calib.add_argument("--methods", nargs="+", metavar="NAME",
+                       help="registered methods whose operations are fitted, with default options (default: all, "
+                            "page-sparse dsa seer); the profile written holds only their fits")
+    calib.add_argument("--quick", action="store_true", help="a smaller sweep and shape grid (a minute or two)")
     calib.add_argument("--out", metavar="PATH", help="where to write the TOML (default ~/.cache/hetero/machine.toml)")
     calib.add_argument("--repeats", type=int, default=None, help="decode steps per placement and shape (default 7, 5 "
                        "with --quick)")

@@ -23,16 +23,8 @@ class CallShape:
 
 
 def describe_call(method, call: str, args, result) -> CallShape:
-    from ..backends import torch_backend
-
-    if call == "prepare":
-        memory, query, appended, allocate, given = result, None, result.max_length, True, args[0]
-    elif call == "append":
-        memory, query, appended, allocate, given = args[0], None, int(args[1].shape[2]), False, args[1]
-    else:
-        memory, query, appended, allocate, given = args[1], args[0], 0, False, args[0]
-    return CallShape(call, method.shapes_of(memory, query), appended, query is not None, allocate,
-                     torch_backend.id_of(given.device))
+    memory, query, appended, allocate, home = method.describe_call(call, args, result)
+    return CallShape(call, method.shapes_of(memory, query), appended, query is not None, allocate, home)
 
 
 def predict(method, placement, shape: CallShape):

@@ -121,7 +121,9 @@ class Profile:
             self._shapes = {k: v for k, v in self._shapes.items() if k[1] != id(memory)}
             return describe_call(pipe.method, call, args, result)
         query, memory = args[0], args[1]
-        key = (id(pipe), id(memory), tuple(query.shape), query.dtype, query.device)
+        layout = (tuple(query.shape), query.dtype, query.device) if hasattr(query, "shape") else (
+            type(query).__name__, len(query) if hasattr(query, "__len__") else None)
+        key = (id(pipe), id(memory), *layout)
         shape = self._shapes.get(key)
         if shape is None or shape[0] is not memory:
             shape = self._shapes[key] = (memory, describe_call(pipe.method, call, args, result))
