@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..devices import Device
 from ..runtime import Step
 
@@ -16,10 +18,13 @@ class Method:
     """
 
     name = "method"
+    family = "sparse-attention"  # or "retrieval": what `hetero demo` checks and which benchmark runs it
     memory_type: type = object
     needs: dict[Step, tuple[str, ...]] = {}
     # adjacent steps with a fused operation, used when both sit on one device that has it
     fusions: dict[tuple[Step, Step], str] = {}
+    # the token axis of each `prepare` input, in `example_inputs` order (e.g. 2 for keys [B, H, S, D])
+    TOKEN_AXES: tuple[int, ...] = ()
 
     def __init__(self):
         self.implementations: dict[str, object] = {}
@@ -32,6 +37,16 @@ class Method:
         return any(assignment[a] == assignment[b] and hasattr(self.implementations.get(assignment[a].backend), op)
                    for (a, b), op in self.fusions.items())
 
+    def decode_inputs(self, inputs, count: int, seed: int = 0) -> list[tuple]:
+        """`count` one-token appends shaped like the `prepare` inputs `inputs` (one token on
+        each input's `TOKEN_AXES` axis): random normal, in each input's dtype and on its device."""
+        if len(inputs) != len(self.TOKEN_AXES):
+            raise ValueError(f"{self.name} takes {len(self.TOKEN_AXES)} prepare inputs, got {len(inputs)}")
+        gen = torch.Generator().manual_seed(seed)
+        shapes = [x.shape[:axis] + (1,) + x.shape[axis + 1:] for x, axis in zip(inputs, self.TOKEN_AXES)]
+        return [tuple(torch.randn(shape, generator=gen).to(x.device, x.dtype) for x, shape in zip(inputs, shapes))
+                for _ in range(count)]
+
     def why_not(self, step: Step, device: Device) -> list[str]:
         """Reasons `step` cannot run on `device` (empty when it can)."""
         impl = self.implementations.get(device.backend)
@@ -39,3 +54,18 @@ class Method:
             return [f"{self.name} has no {device.backend} implementation (it has {sorted(self.implementations)})"]
         missing = [op for op in self.needs.get(step, ()) if not hasattr(impl, op)]
         return [f"the {device.backend} implementation lacks {', '.join(missing)}"] if missing else []
+
+    def describe_call(self, call: str, args, result):
+        """What the cost model needs to know of one pipeline call: (memory, query or None,
+        entries appended per sequence, whether the memory was allocated, the torch device id
+        the caller's inputs live on). This default reads the KV-cache methods' signatures:
+        prepare(keys [B, H, S, D], ...), append(memory, keys, ...), step(query, memory)."""
+        from ..backends import torch_backend
+
+        if call == "prepare":
+            memory, query, appended, allocate, given = result, None, result.max_length, True, args[0]
+        elif call == "append":
+            memory, query, appended, allocate, given = args[0], None, int(args[1].shape[2]), False, args[1]
+        else:
+            memory, query, appended, allocate, given = args[1], args[0], 0, False, args[0]
+        return memory, query, appended, allocate, torch_backend.id_of(given.device)
