@@ -4,7 +4,7 @@
  * token, shared by all index heads); the query token's index queries and weights are packed
  * [B, IH, ID + 1] (ID query features, then the head's weight). Scores are float32 [B, n].
  *
- *   project        y[r, :] = x[r, :] W^T          (W^T given [in, out]; 4 rows x 64 per work-item)
+ *   project        y[r, :] = x[r, :] W^T          (project.clh, shared)
  *   rope           rotary embedding in place, cos/sin given per (row, pair)
  *   index_scores   I[b, s] = sum_j w_j ReLU(q_j . k_s), -INF at and past lengths[b]
  *   select_topk    per row the top k scores (ties -> lower index) as ascending token ids,
@@ -29,54 +29,12 @@
 #error "IH (index heads) must be a multiple of 16"
 #endif
 
-#define TOK 4      /* rows per register tile of project */
 #ifndef STOK
 #define STOK 6     /* tokens per register tile of index_scores */
 #endif
 #define QW (ID + 1)
 
-/* One work-item: TOK rows x 64 outputs, register-tiled like index_scores (a tile cut
- * by n_out falls back to scalar loops). global (ceil(n_out / 64), ceil(rows / TOK)). */
-__kernel void project(const __global float *x,  /* [rows, n_in] */
-                      const __global float *wt, /* [n_in, n_out] */
-                      const int rows, const int n_in, const int n_out,
-                      __global float *y)        /* [rows, n_out] */
-{
-    const int o0 = get_global_id(0) * 64, r0 = get_global_id(1) * TOK;
-    if (o0 >= n_out || r0 >= rows)
-        return;
-    const __global float *xr[TOK];
-    _Pragma("unroll") for (int i = 0; i < TOK; ++i)
-        xr[i] = x + (size_t)min(r0 + i, rows - 1) * n_in;
-    if (o0 + 64 <= n_out) {
-        float16 acc[TOK][4];
-        _Pragma("unroll") for (int i = 0; i < TOK; ++i)
-            _Pragma("unroll") for (int v = 0; v < 4; ++v)
-                acc[i][v] = (float16)(0.0f);
-        for (int e = 0; e < n_in; ++e) {
-            float16 wv[4];
-            _Pragma("unroll") for (int v = 0; v < 4; ++v)
-                wv[v] = vload16(0, wt + (size_t)e * n_out + o0 + 16 * v);
-            _Pragma("unroll") for (int i = 0; i < TOK; ++i) {
-                const float16 xv = (float16)(xr[i][e]);
-                _Pragma("unroll") for (int v = 0; v < 4; ++v)
-                    acc[i][v] = fma(xv, wv[v], acc[i][v]);
-            }
-        }
-        _Pragma("unroll") for (int i = 0; i < TOK; ++i)
-            if (r0 + i < rows)
-                _Pragma("unroll") for (int v = 0; v < 4; ++v)
-                    vstore16(acc[i][v], 0, y + (size_t)(r0 + i) * n_out + o0 + 16 * v);
-    } else {
-        for (int o = o0; o < n_out; ++o)
-            for (int i = 0; i < TOK && r0 + i < rows; ++i) {
-                float a = 0.0f;
-                for (int e = 0; e < n_in; ++e)
-                    a = fma(xr[i][e], wt[(size_t)e * n_out + o], a);
-                y[(size_t)(r0 + i) * n_out + o] = a;
-            }
-    }
-}
+#include "project.clh"
 
 /* x [rows, heads, stride]: features i and i + n_half of each head (i < n_half) rotate by the
  * angle whose cos/sin are cs[row, i, 0/1]. */

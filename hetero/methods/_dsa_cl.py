@@ -50,11 +50,13 @@ def _cos_sin(queue, positions: np.ndarray, rope_dim: int):
     return cla.to_device(queue, np.stack([np.cos(angle), np.sin(angle)], -1).astype(np.float32))
 
 
-def _project(queue, prg, x, wt, rows: int, wait):
+def project(queue, prg, x, wt, rows: int, wait=()):
+    """y f32[rows, n_out] = x[rows, n_in] @ W^T for W^T given as wt [n_in, n_out] (project.clh,
+    in any program that includes it); returns (y, event)."""
     n_in, n_out = wt.shape
     y = cla.empty(queue, (rows, n_out), np.float32)
     evt = _launch(queue, prg, "project", (-(-n_out // 64), -(-rows // 4)), (1, 1),
-                  (x.data, wt.data, rows, n_in, n_out, y.data), wait)
+                  (x.data, wt.data, rows, n_in, n_out, y.data), list(wait))
     return y, evt
 
 
@@ -69,7 +71,7 @@ def project_keys(queue, prg, hidden, w_k, start, rope_dim: int):
     """Index keys [B, 1, n, ID] of hidden [B, n, hidden], roped at start[b] + i (start: a
     host int array)."""
     batch, n, _ = hidden.shape
-    y, e1 = _project(queue, prg, hidden, w_k, batch * n, _events_of(hidden, w_k))
+    y, e1 = project(queue, prg, hidden, w_k, batch * n, _events_of(hidden, w_k))
     events = [e1]
     if rope_dim:
         positions = (np.asarray(start)[:, None] + np.arange(n)).reshape(-1)
@@ -82,7 +84,7 @@ def project_keys(queue, prg, hidden, w_k, start, rope_dim: int):
 def project_query(queue, prg, hidden_last, w_qw, positions, index_heads: int, rope_dim: int):
     """Packed index queries [B, IH, ID + 1] of hidden_last [B, hidden], roped at positions[b]."""
     batch = hidden_last.shape[0]
-    y, e1 = _project(queue, prg, hidden_last, w_qw, batch, _events_of(hidden_last, w_qw))
+    y, e1 = project(queue, prg, hidden_last, w_qw, batch, _events_of(hidden_last, w_qw))
     events = [e1]
     stride = w_qw.shape[1] // index_heads
     if rope_dim:
