@@ -143,12 +143,20 @@ def _key_values(pairs: list[str], what: str) -> dict:
     return out
 
 
-def default_placements() -> list[str]:
-    """'auto', every present device alone, and the paper's split when OpenCL is present."""
+def default_placements(method=None) -> list[str]:
+    """'auto', every present device alone, and the paper's split when OpenCL is present;
+    with `method`, only those it can run (the others are named on the console)."""
     from .demo import placements_present
+    from .runtime import Placement, PlacementError
 
     specs = ["auto"]
     for name, placement in placements_present().items():
+        if method is not None:
+            try:
+                Placement.resolve(method, placement)
+            except PlacementError as exc:
+                console.print(f"[yellow]skipped {name}:[/] {exc}")
+                continue
         specs.append(placement if isinstance(placement, str) else ",".join(f"{k}={v}" for k, v in placement.items()))
     return specs
 
@@ -159,15 +167,16 @@ def cmd_profile(args) -> int:
 
     try:
         method = get_method(args.method, **_key_values(args.option, "option"))
-        shapes = {"dtype": "float32", **_key_values(args.shape, "shape")}
-        for name in ("context", "batch"):
-            if getattr(args, name) is not None:
-                shapes[name] = getattr(args, name)
+        shapes = {**({"dtype": "float32"} if "dtype" in method.SHAPES else {}), **_key_values(args.shape, "shape")}
+        if args.context is not None:
+            shapes[method.CONTEXT_SHAPE] = args.context
+        if args.batch is not None:
+            shapes["batch"] = args.batch
         shapes = method.shapes(**shapes)
     except (ValueError, TypeError) as exc:
         console.print(f"[red]hetero profile:[/] {exc}")
         return 2
-    placements = args.placement or default_placements()
+    placements = args.placement or default_placements(method)
     console.print(f"[bold]hetero profile[/]: {method!r} at " + ", ".join(f"{k}={v}" for k, v in shapes.items())
                   + f"; {len(placements)} placement(s) x {args.steps} decode steps")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -242,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     prof.add_argument("--placement", action="append", metavar="SPEC",
                       help="'auto', a device id, or step=device,... (repeatable; default: auto, every device "
                            "alone, and the OpenCL split)")
-    prof.add_argument("--context", type=int, help="tokens in the memory (default 32768)")
+    prof.add_argument("--context", type=int, help="size of the memory: tokens, documents or memory entries (the "
+                      "method's CONTEXT_SHAPE; default its own)")
     prof.add_argument("--batch", type=int, help="sequences (default 1)")
     prof.add_argument("--shape", action="append", metavar="NAME=VALUE",
                       help="any other shape, e.g. kv_heads=8, q_heads=32, head_dim=128, dtype=float16 (repeatable)")

@@ -6,11 +6,13 @@
 
 from .base import Method
 from .dsa import DSAIndexer, DSAMemory
+from .mac import MACMemory, MemoryAsContext
 from .page_sparse import PageSparseAttention, PageSparseMemory, dense_attention
 from .seer import SeerAttention, SeerMemory
 
 # registered name -> class; the class name is accepted too
-METHODS: dict[str, type[Method]] = {"page-sparse": PageSparseAttention, "dsa": DSAIndexer, "seer": SeerAttention}
+METHODS: dict[str, type[Method]] = {"page-sparse": PageSparseAttention, "dsa": DSAIndexer, "seer": SeerAttention,
+                                   "mac": MemoryAsContext}
 
 
 def get_method(name: str, **options) -> Method:
@@ -22,5 +24,5 @@ def get_method(name: str, **options) -> Method:
     return cls(**options)
 
 
-__all__ = ["METHODS", "DSAIndexer", "DSAMemory", "Method", "PageSparseAttention", "PageSparseMemory", "SeerAttention",
+__all__ = ["METHODS", "DSAIndexer", "DSAMemory", "MACMemory", "MemoryAsContext", "Method", "PageSparseAttention", "PageSparseMemory", "SeerAttention",
            "SeerMemory", "dense_attention", "get_method"]

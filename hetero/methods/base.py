@@ -18,7 +18,8 @@ class Method:
     """
 
     name = "method"
-    family = "sparse-attention"  # or "retrieval": what `hetero demo` checks and which benchmark runs it
+    family = "sparse-attention"  # "retrieval" or "memory": what `hetero demo` checks, which benchmark runs it
+    CONTEXT_SHAPE = "context"  # the shape `--context` sets: the memory's size (tokens, documents, entries)
     memory_type: type = object
     needs: dict[Step, tuple[str, ...]] = {}
     # adjacent steps with a fused operation, used when both sit on one device that has it

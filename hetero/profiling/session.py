@@ -85,7 +85,8 @@ def profile_method(method, shapes: dict, placements: list[str], steps: int = 10,
     home = gpus[0] if gpus else "torch:cpu"  # where steps a placement does not name run
     for spec in placements:
         placement = parse_placement(spec, default=home)
-        pipe = Pipeline(method, placement, shapes={"q_heads": shapes["q_heads"]} if placement == "auto" else None)
+        # auto places at prepare from the inputs' shapes; the profiled shapes add what inputs do not say (q_heads)
+        pipe = Pipeline(method, placement, shapes=shapes if placement == "auto" else None)
         tick(0, total, f"prepare {spec}")
         memory = pipe.prepare(*inputs)
         pipe.step(query, memory)  # warm-up: kernels built, lengths moved
