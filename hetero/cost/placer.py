@@ -259,7 +259,7 @@ def place(method, shapes: dict | None = None, devices=None, objective: str = "la
         fused = method.fused(placed)
         key = (tuple(backends.values()), fused)
         if key not in workloads:
-            workloads[key] = method.workload(shapes, backends, fused, appended=1, query=True)
+            workloads[key] = method.workload(shapes, backends, fused, appended=method.STEP_APPENDS, query=True)
         work = workloads[key] if adjust is None else adjust(workloads[key], placed)
         est = evaluate(method, work, assignment, system, overlap)
         reasons = capacity_reasons(work, assignment, system)

@@ -5,6 +5,8 @@
 """
 
 from .base import Method
+from .bm25 import BM25Memory, BM25Retrieval
+from .dense import DenseMemory, DenseRetrieval
 from .dsa import DSAIndexer, DSAMemory
 from .mac import MACMemory, MemoryAsContext
 from .page_sparse import PageSparseAttention, PageSparseMemory, dense_attention
@@ -12,7 +14,7 @@ from .seer import SeerAttention, SeerMemory
 
 # registered name -> class; the class name is accepted too
 METHODS: dict[str, type[Method]] = {"page-sparse": PageSparseAttention, "dsa": DSAIndexer, "seer": SeerAttention,
-                                   "mac": MemoryAsContext}
+                                   "mac": MemoryAsContext, "dense": DenseRetrieval, "bm25": BM25Retrieval}
 
 
 def get_method(name: str, **options) -> Method:
@@ -24,5 +26,5 @@ def get_method(name: str, **options) -> Method:
     return cls(**options)
 
 
-__all__ = ["METHODS", "DSAIndexer", "DSAMemory", "MACMemory", "MemoryAsContext", "Method", "PageSparseAttention", "PageSparseMemory", "SeerAttention",
+__all__ = ["METHODS", "BM25Memory", "BM25Retrieval", "DSAIndexer", "DSAMemory", "DenseMemory", "DenseRetrieval", "MACMemory", "MemoryAsContext", "Method", "PageSparseAttention", "PageSparseMemory", "SeerAttention",
            "SeerMemory", "dense_attention", "get_method"]

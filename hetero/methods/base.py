@@ -20,6 +20,9 @@ class Method:
     name = "method"
     family = "sparse-attention"  # "retrieval" or "memory": what `hetero demo` checks, which benchmark runs it
     CONTEXT_SHAPE = "context"  # the shape `--context` sets: the memory's size (tokens, documents, entries)
+    # entries one call of the steady state appends before its step: a decoder appends its token
+    # (1); a retriever answers queries over a fixed corpus (0). The placer costs that call.
+    STEP_APPENDS = 1
     memory_type: type = object
     needs: dict[Step, tuple[str, ...]] = {}
     # adjacent steps with a fused operation, used when both sit on one device that has it

@@ -93,6 +93,7 @@ class MemoryAsContext(Method):
         Step.APPLY: ("prepend",),
     }
     fusions = {(Step.RELEVANCY, Step.RETRIEVAL): "relevancy_retrieval"}
+    TOKEN_AXES = (1,)  # segments [B, S, dim]: one entry per processed segment
 
     def __init__(self, key_dim: int = 128, top_k: int = 0, weights: dict | None = None, seed: int = 0,
                  scale: float | None = None):
