@@ -166,3 +166,51 @@ __kernel void rank_topk(const __global float *scores, /* [B, n] */
     out_ids[rank] = id;
     out_top[rank] = si;
 }
+
+/* --- two-stage retrieval: dense re-scoring of a first stage's candidates ------------------ */
+
+/* cand [B, n_cand]: each row sorted ascending in place, -1 (no candidate) last, so that
+ * candidate positions order like document ids. One work-item per row (n_cand is small). */
+__kernel void sort_candidates(__global int *cand, const int n_cand)
+{
+    __global int *row = cand + (size_t)get_global_id(0) * n_cand;
+    for (int i = 1; i < n_cand; ++i) {
+        const int v = row[i];
+        const uint key = (uint)v; /* -1 -> UINT_MAX: last */
+        int j = i - 1;
+        while (j >= 0 && (uint)row[j] > key) {
+            row[j + 1] = row[j];
+            --j;
+        }
+        row[j + 1] = v;
+    }
+}
+
+/* scores [B, n_cand] = q[b] . emb[cand[b, j]], -INF where cand is -1. global (n_cand, B). */
+__kernel void rescore(const __global float *emb, const __global float *q, const __global int *cand,
+                      const int n_cand, const int dim, __global float *scores)
+{
+    const int j = get_global_id(0), b = get_global_id(1);
+    if (j >= n_cand)
+        return;
+    const int id = cand[(size_t)b * n_cand + j];
+    float acc = -INFINITY;
+    if (id >= 0) {
+        const __global float *e = emb + (size_t)id * dim;
+        const __global float *qb = q + (size_t)b * dim;
+        acc = 0.0f;
+        for (int i = 0; i < dim; ++i)
+            acc = fma(qb[i], e[i], acc);
+    }
+    scores[(size_t)b * n_cand + j] = acc;
+}
+
+/* ids [B, k] = cand[b, pos[b, i]] (pos -1 -> -1), in place of the positions. global (k, B). */
+__kernel void candidate_ids(__global int *pos, const __global int *cand, const int n_cand, const int k)
+{
+    const int i = get_global_id(0), b = get_global_id(1);
+    if (i >= k)
+        return;
+    const int p = pos[(size_t)b * k + i];
+    pos[(size_t)b * k + i] = p >= 0 ? cand[(size_t)b * n_cand + p] : -1;
+}

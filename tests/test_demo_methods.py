@@ -101,3 +101,35 @@ def test_row_agreement_compares_sets_ignoring_padding():
     assert demo.row_agreement(selected, reference) == 0.5
     with pytest.raises(ValueError, match="batch, kv_heads"):
         demo.row_agreement(selected[:, :1], reference)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_workload_lists_the_operations_each_call_records(name):
+    """The cost model pairs a call's recorded operations with its workload's tasks in order
+    (profiles' predicted-vs-measured, modeled devices): they must be the same list, for
+    prepare and for a step, on every placement the method can run."""
+    from hetero import Pipeline
+    from hetero.runtime import Placement, PlacementError
+
+    method = demo.get_method(name, **{k: int(v) for k, v in (o.split("=") for o in OPTIONS.get(name, []))})
+    shapes = method.shapes(**{method.CONTEXT_SHAPE: int(CONTEXT), "batch": 2})
+    inputs, query = method.example_inputs(shapes)
+    for placement in demo.placements_present().values():
+        try:
+            Placement.resolve(method, placement)
+        except PlacementError:
+            continue
+        pipe = Pipeline(method, placement)
+        memory = pipe.prepare(*inputs)
+        prepared = [r.op for r in pipe.last_run.steps]
+        pipe.step(query, memory)
+        stepped = [r.op for r in pipe.last_run.steps]
+        backends = {s: pipe.placement[s].backend for s in pipe.placement}
+        fused = method.fused(pipe.placement)
+        shape = method.shapes_of(memory, query)
+        _, _, appended, _, _ = method.describe_call("prepare", inputs, memory)
+        prepare_ops = [t.op for t in method.workload(shape, backends, fused, appended=appended, query=False,
+                                                     allocate=True).tasks]
+        step_ops = [t.op for t in method.workload(shape, backends, fused, appended=0).tasks]
+        assert prepare_ops == prepared, (placement, prepare_ops, prepared)
+        assert step_ops == stepped, (placement, step_ops, stepped)

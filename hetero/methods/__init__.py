@@ -11,10 +11,12 @@ from .dsa import DSAIndexer, DSAMemory
 from .mac import MACMemory, MemoryAsContext
 from .page_sparse import PageSparseAttention, PageSparseMemory, dense_attention
 from .seer import SeerAttention, SeerMemory
+from .twostage import TwoStageMemory, TwoStageRetrieval
 
 # registered name -> class; the class name is accepted too
 METHODS: dict[str, type[Method]] = {"page-sparse": PageSparseAttention, "dsa": DSAIndexer, "seer": SeerAttention,
-                                   "mac": MemoryAsContext, "dense": DenseRetrieval, "bm25": BM25Retrieval}
+                                   "mac": MemoryAsContext, "bm25": BM25Retrieval, "dense": DenseRetrieval,
+                                   "twostage": TwoStageRetrieval}
 
 
 def get_method(name: str, **options) -> Method:
@@ -26,5 +28,6 @@ def get_method(name: str, **options) -> Method:
     return cls(**options)
 
 
-__all__ = ["METHODS", "BM25Memory", "BM25Retrieval", "DSAIndexer", "DSAMemory", "DenseMemory", "DenseRetrieval", "MACMemory", "MemoryAsContext", "Method", "PageSparseAttention", "PageSparseMemory", "SeerAttention",
-           "SeerMemory", "dense_attention", "get_method"]
+__all__ = ["METHODS", "BM25Memory", "BM25Retrieval", "DSAIndexer", "DSAMemory", "DenseMemory", "DenseRetrieval",
+           "MACMemory", "MemoryAsContext", "Method", "PageSparseAttention", "PageSparseMemory", "SeerAttention",
+           "SeerMemory", "TwoStageMemory", "TwoStageRetrieval", "dense_attention", "get_method"]

@@ -25,6 +25,7 @@ ARG_TYPES = {
     "scores_dot1": _SCORES_ARGS, "scores_dot2": _SCORES_ARGS, "scores_dot4": _SCORES_ARGS,
     "scores_outer16": _SCORES_ARGS, "scores_outer32": _SCORES_ARGS,
     "rank_topk": [_B, _B, _I, _I, _I, _B, _B],
+    "sort_candidates": [_B, _I], "rescore": [_B, _B, _B, _I, _I, _B], "candidate_ids": [_B, _B, _I, _I],
 }
 
 # scoring: work-items per compute unit, and the smallest chunk of documents worth one
@@ -116,3 +117,24 @@ def relevancy_retrieval(queue, prg, embeddings, query, n: int, k: int):
     scores, e1 = relevancy(queue, prg, embeddings, query, n)
     result, e2 = retrieval(queue, prg, scores, k)
     return result, e1 + e2
+
+
+def rescore(queue, prg, embeddings, query, candidates, k: int):
+    """Two-stage retrieval's second stage: (ids i32[B, k], top f32[B, k]) of the k best among
+    each row's candidates (document ids i32[B, n_cand], -1 padded, any order) by query .
+    embedding, ranked like `retrieval` (equal scores: lower id). The candidates are sorted
+    first, so a candidate's position orders like its id; `retrieval` ranks positions, which
+    then become ids."""
+    batch, n_cand = candidates.shape
+    dim = query.shape[1]
+    cand = candidates.copy()  # sorted in place: the caller's array stays as it was
+    e1 = _run(queue, prg, "sort_candidates", (batch,), (1,), (cand.data, n_cand), _events_of(candidates), (cand,),
+              ARG_TYPES)
+    scores = cla.empty(queue, (batch, n_cand), np.float32)
+    e2 = _run(queue, prg, "rescore", (n_cand, batch), None,
+              (embeddings.data, query.data, cand.data, n_cand, dim, scores.data),
+              [e1] + _events_of(embeddings, query), (scores,), ARG_TYPES)
+    (pos, top), e3 = retrieval(queue, prg, scores, k)
+    e4 = _run(queue, prg, "candidate_ids", (int(k), batch), None, (pos.data, cand.data, n_cand, int(k)),
+              _events_of(pos, cand), (pos,), ARG_TYPES)
+    return (pos, top), [e1, e2, *e3, e4]

@@ -446,19 +446,19 @@ class DenseRetrieval(Method):
         def launches(step, per_backend):
             return per_backend.get(backends[step], 1)
 
+        if appended:  # in the flow's order: embed, (allocate,) store
+            new_text = appended * s["doc_tokens"] * CHARS_PER_TOKEN
+            new = appended * d * 4
+            tasks.append(Task(Step.PREPARE, "embed", appended * s["doc_tokens"] * fpt, "float32", "stream",
+                              (Access("doc_text", new_text, new_text), Access("new_embeddings", new, new)),
+                              ("doc_text",), (("new_embeddings", new),), 1))
         if allocate:
             tasks.append(Task(Step.RELEVANCY, "empty_store", 0, "float32", "stream",
                               (Access("embeddings", emb_bytes, emb_bytes),), launches=1))
         if appended:
-            new_text = appended * s["doc_tokens"] * CHARS_PER_TOKEN
-            new = appended * d * 4
-            tasks += [
-                Task(Step.PREPARE, "embed", appended * s["doc_tokens"] * fpt, "float32", "stream",
-                     (Access("doc_text", new_text, new_text), Access("new_embeddings", new, new)), ("doc_text",),
-                     (("new_embeddings", new),), 1),
-                Task(Step.RELEVANCY, "store_embeddings", 0, "float32", "stream",
-                     (Access("embeddings", 2 * new, emb_bytes),), ("new_embeddings",), (),
-                     launches(Step.RELEVANCY, {"torch": 1, "host": 1, "opencl": 1}))]
+            tasks.append(Task(Step.RELEVANCY, "store_embeddings", 0, "float32", "stream",
+                              (Access("embeddings", 2 * new, emb_bytes),), ("new_embeddings",), (),
+                              launches(Step.RELEVANCY, {"torch": 1, "host": 1, "opencl": 1})))
         if query:
             q_text = b * s["query_tokens"] * CHARS_PER_TOKEN
             q_bytes = b * d * 4
