@@ -11,7 +11,7 @@ import numpy as np
 import pyopencl.array as cla
 
 from ._dsa_cl import project
-from ._page_sparse_cl import _events_of, _run
+from ._page_sparse_cl import _compute_units, _events_of, _run
 from ._select_cl import select_topk
 
 KERNEL_FILE = "mac.cl"
@@ -19,7 +19,9 @@ _B, _I, _F = None, np.int32, np.float32
 ARG_TYPES = {
     "segment_mean": [_B, _I, _I, _B],
     "mac_scores": [_B, _B, _B, _I, _I, _I, _F, _B],
-    "mac_readout": [_B, _B, _B, _B, _I, _I, _I, _I, _B],
+    "mac_softmax": [_B, _B, _B, _I, _I, _B],
+    "mac_readout_partial": [_B, _B, _B, _I, _I, _I, _I, _B],
+    "mac_readout": [_B, _I, _I, _B],
 }
 
 
@@ -55,9 +57,19 @@ def retrieval(queue, prg, scores, values, lengths, k):
     if 0 < k < n:
         ids, events = select_topk(queue, prg, scores, lengths, k)
         width = ids.shape[2]
-    evt = _launch(queue, prg, "mac_readout", (dim, batch),
-                  (scores.data, values.data, ids.data, lengths.data, cap, n, dim, width, out.data),
-                  events + _events_of(scores, values, lengths), (out,))
+    weights = cla.empty(queue, (batch, n), np.float32)
+    e1 = _launch(queue, prg, "mac_softmax", (batch,), (scores.data, ids.data, lengths.data, n, width, weights.data),
+                 events + _events_of(scores, lengths), (weights,))
+    # entry chunks: a few per compute unit, each at least 256 entries
+    n_chunks = max(1, min(-(-n // 256), 4 * _compute_units(queue)))
+    chunk = -(-n // n_chunks)
+    n_chunks = -(-n // chunk)
+    partial = cla.empty(queue, (n_chunks, batch, dim), np.float32)
+    e2 = _launch(queue, prg, "mac_readout_partial", (n_chunks, batch),
+                 (weights.data, values.data, lengths.data, cap, n, dim, chunk, partial.data),
+                 [e1] + _events_of(values), (partial,))
+    evt = _launch(queue, prg, "mac_readout", (dim, batch), (partial.data, n_chunks, dim, out.data), [e2], (out,))
+    events += [e1, e2]
     return out, events + [evt]
 
 
