@@ -65,13 +65,13 @@ def accuracy(method, ids, repeats, k) -> list[dict]:
     points = []
     for shape in HELD_OUT:
         assert tuple(sorted(shape.items())) not in calibrated_grid
-        keys, values, query, new = cal.synthetic(shape["batch"], shape["kv_heads"], shape["q_heads"], shape["context"])
+        inputs, query, new = cal.decode_case(method, shape)
         shapes = method.shapes(**shape, head_dim=128, dtype="float32")
         measured: dict[tuple[str, str], list[float]] = {}
         predicted: dict[tuple[str, str], float] = {}
         for placement in cal.op_placements(ids):
             t0 = time.perf_counter()
-            m = cal.measure_decode(method, placement, keys, values, query, new, repeats)
+            m = cal.measure_decode(method, placement, inputs, query, new, repeats)
             for key, samples in m["ops"].items():
                 measured.setdefault(key, []).extend(samples)
             work, devs = cal.workload_for(method, placement, shapes)
@@ -88,7 +88,7 @@ def accuracy(method, ids, repeats, k) -> list[dict]:
             pred = predicted[(dev, op)]
             points.append({"device": dev, "op": op, "shapes": shape, "measured_s": meas, "predicted_s": pred,
                            "error": pred / meas - 1, "samples": len(samples)})
-        del keys, values, query, new
+        del inputs, query, new
         gc.collect()
     return points
 
@@ -100,7 +100,7 @@ def regret(method, ids, context, repeats, confirm_rounds, k) -> dict:
     place_s = time.perf_counter() - t0
     by_assignment = {tuple(e.assignment[s] for s in STEPS): e for e in plan.ranked + plan.infeasible}
     chosen = tuple(plan.chosen.assignment[s] for s in STEPS)
-    keys, values, query, new = cal.synthetic(1, 8, 32, context)
+    inputs, query, new = cal.decode_case(method, dict(batch=1, kv_heads=8, q_heads=32, context=context))
     combos = list(itertools.product(ids, repeat=len(STEPS)))
     pipes, memories, samples = {}, {}, {}
     for combo in combos:
@@ -108,10 +108,10 @@ def regret(method, ids, context, repeats, confirm_rounds, k) -> dict:
         group = (placement["relevancy"], placement["apply"])
         pipe = Pipeline(method, placement)
         if group not in memories:
-            memories[group] = pipe.prepare(keys, values)
+            memories[group] = pipe.prepare(*inputs)
         memory = memories[group]
         memory.placement = pipe.placement  # same summaries and cache: re-bound, not rebuilt
-        m = cal.measure_decode(method, placement, keys, values, query, new, repeats, pipe=pipe, memory=memory)
+        m = cal.measure_decode(method, placement, inputs, query, new, repeats, pipe=pipe, memory=memory)
         pipes[combo] = pipe
         samples[combo] = list(m["wall"])
     # confirmation: the chosen and the fastest measured placements again, interleaved
@@ -122,7 +122,7 @@ def regret(method, ids, context, repeats, confirm_rounds, k) -> dict:
             placement = dict(zip((s.value for s in STEPS), combo))
             memory = memories[(placement["relevancy"], placement["apply"])]
             memory.placement = pipes[combo].placement
-            m = cal.measure_decode(method, placement, keys, values, query, new, repeats, warmup=1,
+            m = cal.measure_decode(method, placement, inputs, query, new, repeats, warmup=1,
                                    pipe=pipes[combo], memory=memory)
             samples[combo].extend(m["wall"])
     measured = {c: cal.robust_median(s, k) for c, s in samples.items()}
@@ -135,7 +135,7 @@ def regret(method, ids, context, repeats, confirm_rounds, k) -> dict:
                      "feasible": bool(est and est.feasible), "chosen": combo == chosen, "fastest": combo == best})
     pairs = [(r["predicted_s"], r["measured_s"]) for r in rows if r["predicted_s"] is not None]
     rho = spearman([p for p, _ in pairs], [m for _, m in pairs])
-    del pipes, memories, keys, values, query, new
+    del pipes, memories, inputs, query, new
     gc.collect()
     return {"context": context, "chosen": dict(zip((s.value for s in STEPS), chosen)),
             "chosen_label": plan.chosen.label(), "chosen_measured_s": measured[chosen],
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     calibration = None
     if args.calibrate or not profiles.MACHINE_PROFILE.is_file():
         print("calibrating ...", flush=True)
-        result = cal.calibrate(devices=ids, method=method)
+        result = cal.calibrate(devices=ids)
         calibration = {k2: v for k2, v in result.report.items() if k2 in ("seconds", "date", "grid", "repeats", "fits")}
         print(f"calibrated in {result.report['seconds']:.0f} s -> {profiles.MACHINE_PROFILE}", flush=True)
     profiles.reload()

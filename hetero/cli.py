@@ -121,6 +121,9 @@ def cmd_calibrate(args) -> int:
                          f"{min(f['efficiency'], 1.0):.3g}" + (" (clamped)" if f["clamped"] else ""),
                          f"{f['kept']}/{f['n']}", f"{f['median_abs_rel_error']:.1%}")
     console.print(fits)
+    if report["skipped_methods"]:
+        console.print(f"[yellow]not calibrated[/] (no decode-step appends: TOKEN_AXES or decode_inputs): "
+                      f"{', '.join(report['skipped_methods'])}")
     console.print(f"power is modeled (RAPL readable: {report['rapl_readable']}); wrote [bold]{report['path']}[/] "
                   f"in {report['seconds']:.0f} s")
     return 0
@@ -239,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     calib = sub.add_parser("calibrate", help="measure this machine's devices and write their cost-model profiles")
     calib.add_argument("--devices", nargs="+", metavar="ID", help="device ids to calibrate (default: every present one)")
     calib.add_argument("--methods", nargs="+", metavar="NAME",
-                       help="registered methods whose operations are fitted, with default options (default: all, "
-                            "page-sparse dsa seer); the profile written holds only their fits")
+                       help="registered methods whose operations are fitted, with default options (default: every "
+                            "registered one); the profile written holds only their fits")
     calib.add_argument("--quick", action="store_true", help="a smaller sweep and shape grid (a minute or two)")
     calib.add_argument("--out", metavar="PATH", help="where to write the TOML (default ~/.cache/hetero/machine.toml)")
     calib.add_argument("--repeats", type=int, default=None, help="decode steps per placement and shape (default 7, 5 "

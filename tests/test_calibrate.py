@@ -1,14 +1,20 @@
 """`hetero calibrate`: robust statistics, the op fit, and a real (tiny) calibration."""
 
+import dataclasses
+
 import numpy as np
 import pytest
+import torch
 
 import hetero
-from hetero import cli
+from hetero import Pipeline, cli
 from hetero.cost import calibrate as cal
-from hetero.cost import load
+from hetero.cost import load, profiles
+from hetero.methods import METHODS, PageSparseAttention, get_method
 
 TINY_GRID = [dict(batch=1, kv_heads=2, q_heads=4, context=512), dict(batch=1, kv_heads=2, q_heads=4, context=2048)]
+# DSA's top_k and Seer's budget are 2,048 tokens by default: their contexts start there
+TINY_GRID_2K = [dict(batch=1, kv_heads=2, q_heads=4, context=2048), dict(batch=1, kv_heads=2, q_heads=4, context=4096)]
 
 
 def test_robust_median_ignores_one_huge_sample():
@@ -41,7 +47,8 @@ def test_robust_fit_clamps_efficiency_to_one():
 
 def test_quick_calibration_writes_a_profile_that_loads(tmp_path):
     path = tmp_path / "machine.toml"
-    result = cal.calibrate(devices=["torch:cpu"], quick=True, path=path, repeats=2, grid=TINY_GRID)
+    result = cal.calibrate(devices=["torch:cpu"], methods=["page-sparse"], quick=True, path=path, repeats=2,
+                           grid=TINY_GRID)
     profiles = load(path)
     prof = profiles.devices["torch:cpu"]
     assert prof.part == "host-cpu" and prof.memory[-1].name == "DRAM"
@@ -57,7 +64,7 @@ def test_quick_calibration_writes_a_profile_that_loads(tmp_path):
 def test_opencl_gets_a_host_link(tmp_path):
     dev = next(d.id for d in hetero.devices() if d.backend == "opencl")
     path = tmp_path / "m.toml"
-    cal.calibrate(devices=[dev], quick=True, path=path, repeats=1, grid=TINY_GRID[:1])
+    cal.calibrate(devices=[dev], methods=["page-sparse"], quick=True, path=path, repeats=1, grid=TINY_GRID[:1])
     profiles = load(path)
     link = profiles.links[f"{dev} host link"]
     assert profiles.devices[dev].host_link == link.name and link.between == (dev, "host")
@@ -66,6 +73,80 @@ def test_opencl_gets_a_host_link(tmp_path):
 
 def test_cli_calibrate_quick(tmp_path, capsys):
     out = tmp_path / "cli.toml"
-    assert cli.main(["calibrate", "--quick", "--devices", "torch:cpu", "--out", str(out), "--repeats", "2"]) == 0
+    assert cli.main(["calibrate", "--quick", "--devices", "torch:cpu", "--out", str(out), "--repeats", "2",
+                     "--methods", "seer"]) == 0
     assert out.is_file() and "torch:cpu" in load(out).devices
+    assert {op.split(".")[0] for op in load(out).devices["torch:cpu"].ops} == {"SeerAttention"}
     assert str(out) in capsys.readouterr().out.replace("\n", "")
+    assert cli.main(["calibrate", "--methods", "nope", "--out", str(tmp_path / "no.toml")]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().out and not (tmp_path / "no.toml").exists()
+
+
+@pytest.mark.parametrize("name", [name for name, cls in METHODS.items() if cls.TOKEN_AXES])
+def test_decode_inputs_are_one_token_appends_shaped_like_the_prepare_inputs(name):
+    method = get_method(name)
+    inputs, query = method.example_inputs(cal.method_shapes(method, dict(batch=2, kv_heads=2, q_heads=4, context=2048)))
+    halves = tuple(x.half() for x in inputs)
+    new = method.decode_inputs(halves, 3, seed=1)
+    assert len(new) == 3 and all(len(append) == len(inputs) == len(method.TOKEN_AXES) for append in new)
+    for append in new:
+        for x, a, axis in zip(halves, append, method.TOKEN_AXES):
+            assert x.shape[axis] == 2048 and a.shape == x.shape[:axis] + (1,) + x.shape[axis + 1:]
+            assert a.dtype == torch.float16 and a.device == x.device
+    assert not torch.equal(new[0][0], new[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(new[2], method.decode_inputs(halves, 3, seed=1)[2]))
+    with pytest.raises(ValueError, match="prepare inputs"):
+        method.decode_inputs(inputs + inputs, 1)
+    pipe = Pipeline(method, "torch:cpu")  # what calibration runs: prepare, one-token appends, steps
+    memory = pipe.prepare(*inputs)
+    for append in method.decode_inputs(inputs, 2):
+        pipe.append(memory, *append)
+        pipe.step(query, memory)
+    assert memory.max_length == 2050
+
+
+def test_tensor_methods_can_be_calibrated_and_others_are_refused_up_front(tmp_path):
+    assert all(cal.calibratable(METHODS[name]) for name in ("page-sparse", "dsa", "seer", "mac"))
+
+    class NoAppends(PageSparseAttention):
+        TOKEN_AXES = ()
+
+    with pytest.raises(ValueError, match="cannot be calibrated"):
+        cal.calibrate(devices=["torch:cpu"], methods=[NoAppends()], path=tmp_path / "x.toml")
+    assert not (tmp_path / "x.toml").exists()
+
+
+def test_dsa_calibration_fits_its_ops_and_changes_the_placer(tmp_path):
+    path = tmp_path / "dsa.toml"
+    result = cal.calibrate(devices=["torch:cpu"], methods=["dsa"], quick=True, path=path, repeats=2,
+                           grid=TINY_GRID_2K)
+    assert result.report["methods"] == ["DSAIndexer"]
+    written = load(path)
+    prof = written.devices["torch:cpu"]
+    assert {f"DSAIndexer.{op}" for op in ("project_keys", "project_query", "store_tokens", "relevancy", "retrieval",
+                                          "sparse_attention")} <= set(prof.ops)
+    assert all(op.startswith("DSAIndexer.") for op in prof.ops)
+    # the same profile without its op fits (the per-pattern efficiencies kept): the fits alone move the prediction
+    unfitted = tmp_path / "unfitted.toml"
+    unfitted.write_text(profiles.dumps([dataclasses.replace(prof, ops={})], list(written.links.values())))
+    method, shapes = get_method("dsa"), dict(context=65536, dtype="float32")
+    try:
+        hetero.cost.add_profiles(unfitted)
+        before = hetero.place(method, shapes, devices=["torch:cpu"]).chosen.seconds
+        hetero.cost.add_profiles(path)
+        after = hetero.place(method, shapes, devices=["torch:cpu"]).chosen.seconds
+    finally:
+        hetero.cost.reload()
+    assert after != pytest.approx(before, rel=1e-3)
+
+
+@pytest.mark.skipif(not any(d.backend == "host" for d in hetero.devices()), reason="no host (C++ shim) device")
+def test_op_placements_move_a_step_the_method_cannot_run():
+    class NoApplyOnHost:
+        def why_not(self, step, device):
+            return ["no apply here"] if step is hetero.Step.APPLY and device.backend == "host" else []
+
+    placements = cal.op_placements(["torch:cpu", "host"], NoApplyOnHost())
+    assert {"prepare": "host", "relevancy": "host", "retrieval": "host", "apply": "torch:cpu"} in placements
+    assert all(p["apply"] == "torch:cpu" for p in placements) and len(placements) == 4
+    assert len(cal.op_placements(["torch:cpu", "host"])) == 4

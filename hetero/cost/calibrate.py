@@ -10,8 +10,10 @@ For every present device (or those named) it measures
     launch          the median time of a tiny op / tiny kernel
     host link       upload/download through the backend at several sizes, fitted to
                     latency + bytes / bandwidth (devices outside host memory only)
-    operations      real pipelines of a method (default PageSparseAttention) over a grid of
-                    shapes, every op of every device timed and fitted to
+    operations      real pipelines of every registered method (or those named) over a grid
+                    of shapes, on the method's own `example_inputs`, each decode step with
+                    its one-entry append (`decode_inputs`; none where STEP_APPENDS is 0),
+                    every op of every device timed and fitted to
                     time = overhead + roofline / efficiency
 
 Every figure is a robust median (samples farther than k scaled MADs from the median are
@@ -37,16 +39,13 @@ import numpy as np
 import torch
 
 from ..devices import Device, devices as present_devices, get_device
-from ..runtime import STEPS, Pipeline, Step
+from ..runtime import STEPS, Pipeline
 from . import profiles as _profiles
-from .model import Node, roofline
+from .model import roofline
 from .profiles import DeviceProfile, LinkProfile, MemoryLevel, PATTERNS, Profiles
 
 MAD_SCALE = 1.4826  # MAD -> standard deviation for normal samples
 LEVEL_GAP = 1.25  # adjacent levels must differ by more than 25% in bandwidth
-OP_PATTERN = {"minmax_delta": "stream", "merge_summary": "stream", "store_tokens": "stream",
-              "relevancy": "scan", "relevancy_retrieval": "scan", "retrieval": "select",
-              "sparse_attention": "gather"}
 DEFAULT_EFFICIENCY = {"stream": 0.8, "scan": 0.5, "select": 0.3, "gather": 0.5}
 
 
@@ -464,47 +463,73 @@ def calibration_grid(quick: bool) -> list[dict]:
             + [dict(batch=1, kv_heads=4, q_heads=8, context=49152)])
 
 
-def op_placements(device_ids: list[str]) -> list[dict[str, str]]:
+def op_placements(device_ids: list[str], method=None) -> list[dict[str, str]]:
     """All-on-d for every device (fused ops), and splits of relevancy and retrieval across
-    devices (unfused ops of every device)."""
+    devices (unfused ops of every device). With `method`, a step it cannot run on its device
+    runs on the first listed device that can (a placement no device completes is left out)."""
     out = [{s.value: d for s in STEPS} for d in device_ids]
     n = len(device_ids)
     if n > 1:
         for i, d in enumerate(device_ids):
             out.append({"prepare": d, "relevancy": d, "retrieval": device_ids[(i + 1) % n], "apply": d})
-    return out
+    if method is None:
+        return out
+    runs = {(s.value, d): not method.why_not(s, get_device(d)) for s in STEPS for d in device_ids}
+    runnable = []
+    for placement in out:
+        placement = {s: d if runs[(s, d)] else next((e for e in device_ids if runs[(s, e)]), None)
+                     for s, d in placement.items()}
+        if None not in placement.values() and placement not in runnable:
+            runnable.append(placement)
+    return runnable
 
 
-def synthetic(batch: int, kv_heads: int, q_heads: int, context: int, head_dim: int = 128, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    keys = torch.randn(batch, kv_heads, context, head_dim, generator=gen)
-    values = torch.randn(batch, kv_heads, context, head_dim, generator=gen)
-    query = torch.randn(batch, q_heads, head_dim, generator=gen)
-    new = [(torch.randn(batch, kv_heads, 1, head_dim, generator=gen),
-            torch.randn(batch, kv_heads, 1, head_dim, generator=gen)) for _ in range(4)]
-    return keys, values, query, new
+def calibratable(method) -> bool:
+    """Whether calibration can run the decode steps of `method` (a class or an instance): its
+    step appends nothing (STEP_APPENDS 0), or it sets TOKEN_AXES or has its own `decode_inputs`."""
+    from ..methods import Method
+
+    cls = method if isinstance(method, type) else type(method)
+    return not cls.STEP_APPENDS or bool(cls.TOKEN_AXES) or cls.decode_inputs is not Method.decode_inputs
 
 
-def measure_decode(method, placement, keys, values, query, new, repeats: int, warmup: int = 2,
-                   pipe=None, memory=None):
-    """Decode steps (append 1 token + step) of one placement. Returns
+def method_shapes(method, shape: dict) -> dict:
+    """A grid shape in `method`'s terms, defaults filled in: the grid's `context` is the
+    method's CONTEXT_SHAPE (tokens, entries, documents), head_dim 128, float32; grid
+    shapes the method does not take are left out."""
+    given = {method.CONTEXT_SHAPE if k == "context" else k: v for k, v in shape.items()}
+    takes = method.shapes()
+    return method.shapes(**{k: v for k, v in {**given, "head_dim": 128, "dtype": "float32"}.items() if k in takes})
+
+
+def decode_case(method, shape: dict, seed: int = 0):
+    """(prepare inputs, query, appends) of `method` at a grid shape: its `example_inputs` and 4
+    one-entry appends from its `decode_inputs` (none where a decode step appends nothing)."""
+    inputs, query = method.example_inputs(method_shapes(method, shape), seed)
+    return inputs, query, method.decode_inputs(inputs, 4, seed) if method.STEP_APPENDS else []
+
+
+def measure_decode(method, placement, inputs, query, new, repeats: int, warmup: int = 2, pipe=None, memory=None):
+    """Decode steps (append the next of `new`, if any, + step) of one placement, with the
+    memory prepared from `inputs` unless `pipe` and `memory` are given. Returns
     {"ops": {(device, op): [seconds per sample, one list per occurrence order]}, "wall": [s],
      "pipe", "memory"}; per-op samples pool every occurrence of the op within a decode step."""
     if pipe is None:
         pipe = Pipeline(method, placement)
-        memory = pipe.prepare(keys, values)
+        memory = pipe.prepare(*inputs)
     ops: dict[tuple[str, str], list[float]] = {}
     walls = []
     for i in range(warmup + repeats):
-        nk, nv = new[i % len(new)]
-        pipe.append(memory, nk, nv)
-        a = pipe.last_run
+        runs = []
+        if new:
+            pipe.append(memory, *new[i % len(new)])
+            runs.append(pipe.last_run)
         pipe.step(query, memory)
-        s = pipe.last_run
+        runs.append(pipe.last_run)
         if i < warmup:
             continue
-        walls.append(a.wall_s + s.wall_s)
-        for r in a.steps + s.steps:
+        walls.append(sum(run.wall_s for run in runs))
+        for r in (record for run in runs for record in run.steps):
             ops.setdefault((r.device, r.op), []).append(op_seconds(r))
     return {"ops": ops, "wall": walls, "pipe": pipe, "memory": memory}
 
@@ -512,32 +537,33 @@ def measure_decode(method, placement, keys, values, query, new, repeats: int, wa
 def workload_for(method, placement: dict[str, str], shapes: dict):
     devs = {s: get_device(placement[s.value]) for s in STEPS}
     backends = {s: d.backend for s, d in devs.items()}
-    return method.workload(shapes, backends, method.fused(devs), appended=1, query=True), devs
+    return method.workload(shapes, backends, method.fused(devs), appended=method.STEP_APPENDS, query=True), devs
 
 
 def task_rooflines(method, placement: dict[str, str], shapes: dict, profiles: dict[str, DeviceProfile]):
-    """{(device, op): roofline seconds of one occurrence} for a decode step's workload."""
+    """{(device, op): (roofline seconds of one occurrence, access pattern)} for a decode step's workload."""
     work, devs = workload_for(method, placement, shapes)
-    out: dict[tuple[str, str], float] = {}
+    out: dict[tuple[str, str], tuple[float, str]] = {}
     for task in work.tasks:
         dev = devs[task.step].id
-        out[(dev, task.op)] = roofline(task, profiles[dev])[0]
+        out[(dev, task.op)] = roofline(task, profiles[dev])[0], task.pattern
     return out
 
 
 def measure_ops(method, device_ids: list[str], profiles: dict[str, DeviceProfile], ctx: _Ctx,
                 grid: list[dict]) -> list[dict]:
-    """Points (device, op, shapes, roofline, measured seconds, samples) over the grid."""
+    """Points (method, device, op, pattern, shapes, roofline, measured seconds, samples) over the grid."""
     points = []
-    placements = op_placements(device_ids)
+    placements = op_placements(device_ids, method)
     for shape in grid:
-        keys, values, query, new = synthetic(shape["batch"], shape["kv_heads"], shape["q_heads"], shape["context"])
-        shapes = method.shapes(**shape, head_dim=128, dtype="float32")
+        inputs, query, new = decode_case(method, shape)
+        shapes = method_shapes(method, shape)
         seen: dict[tuple[str, str], list[float]] = {}
-        roofs: dict[tuple[str, str], float] = {}
+        roofs: dict[tuple[str, str], tuple[float, str]] = {}
         for placement in placements:
-            ctx.say(f"ops at context {shape['context']:,}, batch {shape['batch']}: {_label(placement)}")
-            m = measure_decode(method, placement, keys, values, query, new, ctx.repeats)
+            ctx.say(f"{method.name} ops at {method.CONTEXT_SHAPE} {shape['context']:,}, batch {shape['batch']}: "
+                    f"{_label(placement)}")
+            m = measure_decode(method, placement, inputs, query, new, ctx.repeats)
             roofs.update(task_rooflines(method, placement, shapes, profiles))
             for key, samples in m["ops"].items():
                 seen.setdefault(key, []).extend(samples)
@@ -547,9 +573,10 @@ def measure_ops(method, device_ids: list[str], profiles: dict[str, DeviceProfile
         for (dev, op), samples in seen.items():
             if (dev, op) not in roofs:
                 continue
-            points.append({"device": dev, "op": op, "shapes": dict(shape), "roofline_s": roofs[(dev, op)],
-                           "measured_s": robust_median(samples, ctx.k), "samples": len(samples)})
-        del keys, values, query, new
+            roof, pattern = roofs[(dev, op)]
+            points.append({"method": method.name, "device": dev, "op": op, "pattern": pattern, "shapes": dict(shape),
+                           "roofline_s": roof, "measured_s": robust_median(samples, ctx.k), "samples": len(samples)})
+        del inputs, query, new
         gc.collect()
     return points
 
@@ -561,17 +588,18 @@ def _label(placement: dict[str, str]) -> str:
     return f"relevancy={placement['relevancy']}, retrieval={placement['retrieval']}"
 
 
-def fit_ops(method, points: list[dict], ctx: _Ctx) -> dict[str, dict]:
+def fit_ops(points: list[dict], ctx: _Ctx) -> dict[str, dict]:
     """{device: {"Method.op": fit dict}} from measured points."""
     out: dict[str, dict] = {}
     groups: dict[tuple[str, str], list[dict]] = {}
     for p in points:
-        groups.setdefault((p["device"], p["op"]), []).append(p)
+        groups.setdefault((p["device"], f"{p['method']}.{p['op']}"), []).append(p)
     for (dev, op), group in sorted(groups.items()):
         fit = robust_fit([p["roofline_s"] for p in group], [p["measured_s"] for p in group], ctx.k)
         fit["shapes"] = len(group)
         fit["samples"] = sum(p["samples"] for p in group)
-        out.setdefault(dev, {})[f"{method.name}.{op}"] = fit
+        fit["pattern"] = group[0]["pattern"]
+        out.setdefault(dev, {})[op] = fit
     return out
 
 
@@ -581,15 +609,18 @@ POWER_SOURCE = ("modeled, no RAPL: {what} (a ~200 W TDP server Xeon with ~40 vCP
                 "idle ~30% of that); CPU-resident devices share part 'host-cpu', so the CPU is counted once")
 
 
-def calibrate(devices=None, method=None, quick: bool = False, path=None, progress=None, repeats: int | None = None,
+def calibrate(devices=None, methods=None, quick: bool = False, path=None, progress=None, repeats: int | None = None,
               grid: list[dict] | None = None, k: float = 3.0) -> Profiles:
     """Measure the present devices and write their profiles (TOML) to `path` (default
     `hetero.cost.profiles.MACHINE_PROFILE`), then reload the profile registry.
 
     Args:
         devices: device ids to calibrate (default every present device; modeled ones are skipped).
-        method: the method whose ops are fitted (default PageSparseAttention()).
-        quick: a smaller sweep and grid (about a minute instead of about three).
+        methods: the methods whose ops are fitted: registered names or Method objects (default
+            every registered method calibration can run, see `calibratable`, with its default
+            options; the others are listed in `.report["skipped_methods"]`). The profile holds
+            only their fits.
+        quick: a smaller sweep and grid.
         path: where to write the TOML.
         progress: a rich Progress to report to (optional).
         repeats: decode steps per placement and shape (default 7, 5 with quick).
@@ -597,23 +628,35 @@ def calibrate(devices=None, method=None, quick: bool = False, path=None, progres
         k: outlier rejection threshold in scaled MADs.
     Returns the Profiles written; `.report` on it holds what was measured.
     """
-    from ..methods import PageSparseAttention
+    from ..methods import METHODS, get_method
 
     start = time.perf_counter()
-    method = method or PageSparseAttention()
+    skipped = []
+    if not methods:  # every registered method calibration can run
+        methods = [name for name, cls in METHODS.items() if calibratable(cls)]
+        skipped = [name for name in METHODS if name not in methods]
+    methods = [get_method(m) if isinstance(m, str) else m for m in methods]
+    for method in methods:
+        if not calibratable(method):
+            raise ValueError(f"{method.name} cannot be calibrated: its decode step appends, and it sets no "
+                             f"TOKEN_AXES and has no decode_inputs")
     devs = [get_device(d) for d in devices] if devices else list(present_devices())
     devs = [d for d in devs if not d.info.get("modeled")]
     if not devs:
         raise ValueError("no present device to calibrate")
     repeats = repeats or (5 if quick else 7)
     grid = grid if grid is not None else calibration_grid(quick)
+    for method in methods:  # every shape valid for every method (e.g. context >= DSA's top_k), before measuring
+        for shape in grid:
+            method_shapes(method, shape)
     ids = [d.id for d in devs]
-    placements = op_placements(ids)
-    total = 3 * len(devs) + 1 + len(grid) * len(placements) + 1
+    total = 3 * len(devs) + 1 + sum(len(grid) * len(op_placements(ids, m)) for m in methods) + 1
     task = progress.add_task("calibrating", total=total) if progress is not None else None
     ctx = _Ctx(k, quick, repeats, progress, task)
     report: dict = {"date": ctx.date, "cpu": ctx.cpu, "devices": ids, "rapl_readable": _rapl_readable(),
-                    "quick": quick, "repeats": repeats, "grid": grid, "memory_sweeps": {}, "links": {}}
+                    "quick": quick, "repeats": repeats, "grid": grid,
+                    "methods": [m.name for m in methods], "skipped_methods": skipped, "memory_sweeps": {},
+                    "links": {}}
 
     ctx.say("peak FLOP/s (torch float32 matmul)")
     flops, flops_src = measure_flops(ctx)
@@ -663,8 +706,8 @@ def calibrate(devices=None, method=None, quick: bool = False, path=None, progres
             part="host-cpu" if cpu else "", sources=sources)
 
     # op fits against the uncalibrated (no ops) rooflines just measured
-    points = measure_ops(method, ids, built, ctx, grid)
-    fits = fit_ops(method, points, ctx)
+    points = [p for method in methods for p in measure_ops(method, ids, built, ctx, grid)]
+    fits = fit_ops(points, ctx)
     ctx.say("fitting")
     report["op_points"] = points
     report["fits"] = {d: {op: {k2: v for k2, v in f.items() if k2 != "rel_errors"} | {
@@ -673,7 +716,6 @@ def calibrate(devices=None, method=None, quick: bool = False, path=None, progres
     for dev_id, prof in built.items():
         by_pattern: dict[str, list[float]] = {}
         for op, fit in fits.get(dev_id, {}).items():
-            short = op.split(".", 1)[1]
             note = (" (the free fit gave efficiency > 1: the roofline's level bandwidth is underestimated for this "
                     "op, efficiency kept at 1 and the overhead absorbs the rest)" if fit["clamped"] else "")
             src = ctx.src(f"time = overhead + roofline / efficiency fitted to decode steps at {fit['shapes']} shapes "
@@ -682,17 +724,17 @@ def calibrate(devices=None, method=None, quick: bool = False, path=None, progres
             prof.ops[op] = _profiles.OpFit(fit["overhead"], min(max(fit["efficiency"], 1e-4), 1.0))
             prof.sources[f"ops.{op}.overhead"] = src
             prof.sources[f"ops.{op}.efficiency"] = src
-            by_pattern.setdefault(OP_PATTERN.get(short, "stream"), []).append(prof.ops[op].efficiency)
+            by_pattern.setdefault(fit["pattern"], []).append(prof.ops[op].efficiency)
         for pattern in PATTERNS:
             if by_pattern.get(pattern):
                 prof.efficiency[pattern] = float(np.median(by_pattern[pattern]))
                 prof.sources[f"efficiency.{pattern}"] = (
                     f"calibrated {ctx.date} on {ctx.cpu}: median of the fitted efficiencies of this device's "
-                    f"{pattern} ops ({len(by_pattern[pattern])})")
+                    f"{pattern} ops ({len(by_pattern[pattern])}, of {', '.join(m.name for m in methods)})")
             else:
                 prof.sources[f"efficiency.{pattern}"] = (
-                    f"default {DEFAULT_EFFICIENCY[pattern]:g}: no {pattern} op of {method.name} was fitted on this "
-                    f"device (hetero calibrate)")
+                    f"default {DEFAULT_EFFICIENCY[pattern]:g}: no {pattern} op of "
+                    f"{', '.join(m.name for m in methods)} was fitted on this device (hetero calibrate)")
     ctx.say("writing", advance=1)
     path = Path(path) if path is not None else _profiles.MACHINE_PROFILE
     path.parent.mkdir(parents=True, exist_ok=True)
