@@ -23,10 +23,7 @@ one work-item per slot counts the entries ranked before it, k^2 compares per row
 fused when relevancy and retrieval share the device). Prepare (embedding) and apply (text)
 run on torch or the host only.
 
-Measured at 1M x 384 float32 documents, k = 10, on this project's 2-core AVX-512 machine
-(shared, so best of interleaved runs): faiss IndexFlatIP 6.5 / 14 queries/s at batch 1 / 32
-(one thread at batch 1: faiss splits its flat scan by query); hetero OpenCL (PoCL) 13 / 98,
-torch 13 / 68, host (faiss itself) 6.4 / 15.
+Measured: bench/retrieval.py (results in bench/results/retrieval.md and the README).
 """
 
 from __future__ import annotations
