@@ -25,14 +25,14 @@ from ..backends import opencl
 from ..runtime import Run, Step
 from . import mac_reference as ref
 from .base import Method
-from .page_sparse import (PageSparseAttention, SharesApply, _capacity, _check_finite, _check_tensor, _grown_capacity,
-                          _nbytes, _nonnegative_int, _positive_int)
+from .page_sparse import (DeviceLengths, PageSparseAttention, SharesApply, _capacity, _check_finite, _check_tensor,
+                          _grown_capacity, _nbytes, _nonnegative_int, _positive_int)
 
 WEIGHT_NAMES = ("w_q", "w_k")
 
 
 @dataclass(eq=False)
-class MACMemory:
+class MACMemory(DeviceLengths):
     """Memory banks of a batch of sequences: `keys` [B, 1, capacity, key_dim] (relevancy
     device), `values` [B, 1, capacity, dim] (retrieval device), `lengths` entries per
     sequence (host), the projections W_k^T (prepare device) and W_q^T (relevancy device)."""
@@ -56,13 +56,6 @@ class MACMemory:
     @property
     def nbytes(self) -> dict[str, int]:
         return {"keys": _nbytes(self.keys), "values": _nbytes(self.values)}
-
-    def lengths_for(self, run: Run, step: Step):
-        dev = run.device(step)
-        value = self._lengths_on.get(dev.id)
-        if value is None:
-            value = self._lengths_on[dev.id] = run.to(dev, torch.from_numpy(self.lengths.astype(np.int32)), "lengths")
-        return value
 
     def __repr__(self) -> str:
         return (f"MACMemory(batch={self.batch}, dim={self.dim}, key_dim={self.key_dim}, "

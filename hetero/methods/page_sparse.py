@@ -32,8 +32,20 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNEL_FILE = "page_sparse.cl"
 
 
+class DeviceLengths:
+    """For a memory's per-sequence `lengths` (host int64): the int32 copy each step reads on
+    its device, moved once per update (cached in `_lengths_on`, cleared by every write)."""
+
+    def lengths_for(self, run: Run, step: Step):
+        dev = run.device(step)
+        value = self._lengths_on.get(dev.id)
+        if value is None:
+            value = self._lengths_on[dev.id] = run.to(dev, torch.from_numpy(self.lengths.astype(np.int32)), "lengths")
+        return value
+
+
 @dataclass(eq=False)
-class PageSparseMemory:
+class PageSparseMemory(DeviceLengths):
     """Prepared memory of one batch of sequences. `summary` [B, H, pages, 2, D] (min, max)
     sits on the relevancy device; `k_cache`/`v_cache` [B, H, tokens, D] on the apply
     device; `lengths` (host, int64) counts valid tokens per sequence."""
@@ -58,14 +70,6 @@ class PageSparseMemory:
     def nbytes(self) -> dict[str, int]:
         """Bytes held per part of the memory."""
         return {"summary": _nbytes(self.summary), "kv_cache": _nbytes(self.k_cache) + _nbytes(self.v_cache)}
-
-    def lengths_for(self, run: Run, step: Step):
-        """The lengths as an int32 array resident on `step`'s device, moved once per update."""
-        dev = run.device(step)
-        value = self._lengths_on.get(dev.id)
-        if value is None:
-            value = self._lengths_on[dev.id] = run.to(dev, torch.from_numpy(self.lengths.astype(np.int32)), "lengths")
-        return value
 
     def __repr__(self) -> str:
         return (f"PageSparseMemory(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "

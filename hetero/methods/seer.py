@@ -46,16 +46,16 @@ from ..backends import opencl
 from ..runtime import Run, Step
 from . import seer_reference as ref
 from .base import Method
-from .page_sparse import (PageSparseAttention, SharesApply, _capacity, _check_append, _check_kv, _check_lengths,
-                          _check_query, _grown_capacity, _nbytes, _nonnegative_int, _positive_int, _round_up, kv_work,
-                          storage_bytes, store_kv, synthetic_cache)
+from .page_sparse import (DeviceLengths, PageSparseAttention, SharesApply, _capacity, _check_append, _check_kv,
+                          _check_lengths, _check_query, _grown_capacity, _nbytes, _nonnegative_int, _positive_int,
+                          _round_up, kv_work, storage_bytes, store_kv, synthetic_cache)
 
 KERNEL_FILE = "seer.cl"
 WEIGHT_NAMES = ("w_q", "w_k")
 
 
 @dataclass(eq=False)
-class SeerMemory:
+class SeerMemory(DeviceLengths):
     """Prepared memory of one batch of sequences. `gate_keys` [B, H, blocks, gate_dim] and
     `w_q` sit on the relevancy device; `tail` [B, H, 2, D] (float32 running max and sum of
     each sequence's partial last block) and `w_k` on the prepare device; `k_cache`/`v_cache`
@@ -90,14 +90,6 @@ class SeerMemory:
         return {"gate_keys": _nbytes(self.gate_keys) + _nbytes(self.w_q),
                 "tail": _nbytes(self.tail) + _nbytes(self.w_k),
                 "kv_cache": _nbytes(self.k_cache) + _nbytes(self.v_cache)}
-
-    def lengths_for(self, run: Run, step: Step):
-        """The lengths as an int32 array resident on `step`'s device, moved once per update."""
-        dev = run.device(step)
-        value = self._lengths_on.get(dev.id)
-        if value is None:
-            value = self._lengths_on[dev.id] = run.to(dev, torch.from_numpy(self.lengths.astype(np.int32)), "lengths")
-        return value
 
     def __repr__(self) -> str:
         return (f"SeerMemory(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
