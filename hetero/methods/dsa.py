@@ -29,7 +29,7 @@ from . import dsa_reference as ref
 from .base import Method
 from .page_sparse import (PageSparseAttention, PageSparseMemory, SharesApply, _capacity, _check_append, _check_kv,
                           _check_lengths, _check_query, _check_tensor, _grown_capacity, _nonnegative_int,
-                          _positive_int, kv_work, storage_bytes, store_kv, synthetic_cache)
+                          _positive_int, kv_example_inputs, kv_work, storage_bytes, store_kv)
 from .page_sparse_reference import sparse_attention as reference_attention
 
 WEIGHT_NAMES = ("w_k", "w_q", "w_w")
@@ -269,11 +269,9 @@ class DSAIndexer(Method):
         """Synthetic ((keys, values, hidden), query) at `shapes`: random K/V and query
         (page_sparse.synthetic_cache) and random hidden states."""
         s = self.shapes(**(shapes or {}))
-        keys, values, query, _ = synthetic_cache(s["batch"], s["kv_heads"], s["q_heads"] // s["kv_heads"],
-                                                 s["context"], s["head_dim"], seed)
+        (keys, values), query = kv_example_inputs(s, seed)
         hidden = torch.randn(s["batch"], s["context"], s["hidden"], generator=torch.Generator().manual_seed(seed + 1))
-        dtype = getattr(torch, s["dtype"])
-        return (keys.to(dtype), values.to(dtype), hidden.to(dtype)), query.to(dtype)
+        return (keys, values, hidden.to(getattr(torch, s["dtype"]))), query
 
     def reference_step(self, inputs, query):
         """(selected token ids [B, H, width], output [B, Hq, D]) from `dsa_reference`, in float64."""

@@ -231,11 +231,7 @@ class PageSparseAttention(Method):
     def example_inputs(self, shapes: dict | None = None, seed: int = 0):
         """Synthetic inputs at `shapes` (see `shapes()`; the context is the cache length):
         ((keys, values), query) in `shapes['dtype']`, with a planted needle token (`synthetic_cache`)."""
-        s = self.shapes(**(shapes or {}))
-        keys, values, query, _ = synthetic_cache(s["batch"], s["kv_heads"], s["q_heads"] // s["kv_heads"],
-                                                 s["context"], s["head_dim"], seed)
-        dtype = getattr(torch, s["dtype"])
-        return (keys.to(dtype), values.to(dtype)), query.to(dtype)
+        return kv_example_inputs(self.shapes(**(shapes or {})), seed)
 
     def reference_step(self, inputs, query):
         """The decode step by `page_sparse_reference` (numpy, float64) on `prepare`'s inputs
@@ -649,6 +645,14 @@ def _merge_minmax(target, tokens) -> None:
 
 def _pages_of(lengths, page_size: int):
     return (lengths.long() + page_size - 1) // page_size
+
+
+def kv_example_inputs(s: dict, seed: int = 0):
+    """((keys, values), query) of `synthetic_cache` at complete shapes `s`, in s['dtype']."""
+    keys, values, query, _ = synthetic_cache(s["batch"], s["kv_heads"], s["q_heads"] // s["kv_heads"], s["context"],
+                                             s["head_dim"], seed)
+    dtype = getattr(torch, s["dtype"])
+    return (keys.to(dtype), values.to(dtype)), query.to(dtype)
 
 
 def synthetic_cache(batch: int, kv_heads: int, group: int, seq: int, dim: int, seed: int = 0):

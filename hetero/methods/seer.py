@@ -48,7 +48,7 @@ from . import seer_reference as ref
 from .base import Method
 from .page_sparse import (DeviceLengths, PageSparseAttention, SharesApply, _capacity, _check_append, _check_kv,
                           _check_lengths, _check_query, _grown_capacity, _nbytes, _nonnegative_int, _positive_int,
-                          _round_up, kv_work, storage_bytes, store_kv, synthetic_cache)
+                          _round_up, kv_example_inputs, kv_work, storage_bytes, store_kv)
 
 KERNEL_FILE = "seer.cl"
 WEIGHT_NAMES = ("w_q", "w_k")
@@ -350,11 +350,7 @@ class SeerAttention(Method):
     def example_inputs(self, shapes: dict | None = None, seed: int = 0):
         """Synthetic inputs at `shapes` (see `shapes()`; the context is the cache length):
         ((keys, values), query) in `shapes['dtype']`, with a planted needle token (`synthetic_cache`)."""
-        s = self.shapes(**(shapes or {}))
-        keys, values, query, _ = synthetic_cache(s["batch"], s["kv_heads"], s["q_heads"] // s["kv_heads"],
-                                                 s["context"], s["head_dim"], seed)
-        dtype = getattr(torch, s["dtype"])
-        return (keys.to(dtype), values.to(dtype)), query.to(dtype)
+        return kv_example_inputs(self.shapes(**(shapes or {})), seed)
 
     def reference_step(self, inputs, query):
         """(selected block ids [B, H, width] int64, output [B, Hq, D] float64) of
