@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
 import torch
 
 from ..devices import Device
@@ -73,3 +76,25 @@ class Method:
         else:
             memory, query, appended, allocate, given = args[1], args[0], 0, False, args[0]
         return memory, query, appended, allocate, torch_backend.id_of(given.device)
+
+
+def weight_matrices(weights, names: tuple[str, ...]) -> dict:
+    """A method's projection weights given by the caller: exactly the keys `names`, each a
+    finite 2-D float matrix (torch tensor or array), returned as float32 CPU tensors. The
+    method then checks their shapes against its options."""
+    if not isinstance(weights, Mapping) or set(weights) != set(names):
+        got = sorted(weights) if isinstance(weights, Mapping) else type(weights).__name__
+        raise ValueError(f"weights must be a dict with keys {list(names)}, got {got}")
+    out = {}
+    for name in names:
+        w = weights[name]
+        try:
+            w = w.detach().cpu() if isinstance(w, torch.Tensor) else torch.from_numpy(np.asarray(w))
+        except TypeError as exc:
+            raise ValueError(f"weights[{name!r}] must be a float matrix (torch tensor or array): {exc}") from None
+        if w.dim() != 2 or not w.dtype.is_floating_point:
+            raise ValueError(f"weights[{name!r}] must be a 2-D float matrix, got {w.dtype} {list(w.shape)}")
+        if not torch.isfinite(w).all():
+            raise ValueError(f"weights[{name!r}] contains NaN or Inf")
+        out[name] = w.float().contiguous()
+    return out

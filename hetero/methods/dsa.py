@@ -26,7 +26,7 @@ import torch
 from ..backends import host, opencl
 from ..runtime import Run, Step
 from . import dsa_reference as ref
-from .base import Method
+from .base import Method, weight_matrices
 from .page_sparse import (PageSparseAttention, PageSparseMemory, SharesApply, _capacity, _check_append, _check_kv,
                           _check_lengths, _check_query, _check_tensor, _grown_capacity, _nonnegative_int,
                           _positive_int, kv_example_inputs, kv_work, storage_bytes, store_kv)
@@ -115,18 +115,7 @@ class DSAIndexer(Method):
     # --- weights ------------------------------------------------------------------------
 
     def _check_weights(self, weights) -> dict:
-        if not isinstance(weights, dict) or set(weights) != set(WEIGHT_NAMES):
-            got = sorted(weights) if isinstance(weights, dict) else type(weights).__name__
-            raise ValueError(f"weights must be a dict with keys {list(WEIGHT_NAMES)}, got {got}")
-        out = {}
-        for name in WEIGHT_NAMES:
-            w = weights[name]
-            w = w.detach().cpu() if isinstance(w, torch.Tensor) else torch.from_numpy(np.asarray(w))
-            if w.dim() != 2 or not w.dtype.is_floating_point:
-                raise ValueError(f"weights[{name!r}] must be a 2-D float matrix, got {w.dtype} {list(w.shape)}")
-            if not torch.isfinite(w).all():
-                raise ValueError(f"weights[{name!r}] contains NaN or Inf")
-            out[name] = w.float()
+        out = weight_matrices(weights, WEIGHT_NAMES)
         hidden = out["w_k"].shape[1]
         expected = {"w_k": (self.index_dim, hidden), "w_q": (self.index_heads * self.index_dim, hidden),
                     "w_w": (self.index_heads, hidden)}

@@ -24,7 +24,7 @@ import torch
 from ..backends import opencl
 from ..runtime import Run, Step
 from . import mac_reference as ref
-from .base import Method
+from .base import Method, weight_matrices
 from .page_sparse import (DeviceLengths, PageSparseAttention, SharesApply, _capacity, _check_finite, _check_tensor,
                           _grown_capacity, _nbytes, _nonnegative_int, _positive_int)
 
@@ -107,17 +107,11 @@ class MemoryAsContext(Method):
         return f"MemoryAsContext(key_dim={self.key_dim}, top_k={self.top_k}, scale={self.scale:.4g})"
 
     def _check_weights(self, weights) -> dict:
-        if not isinstance(weights, dict) or set(weights) != set(WEIGHT_NAMES):
-            got = sorted(weights) if isinstance(weights, dict) else type(weights).__name__
-            raise ValueError(f"weights must be a dict with keys {list(WEIGHT_NAMES)}, got {got}")
-        out = {}
-        for name in WEIGHT_NAMES:
-            w = weights[name]
-            w = w.detach().cpu() if isinstance(w, torch.Tensor) else torch.from_numpy(np.asarray(w))
-            if w.dim() != 2 or w.shape[0] != self.key_dim or not w.dtype.is_floating_point:
+        out = weight_matrices(weights, WEIGHT_NAMES)
+        for name, w in out.items():
+            if w.shape[0] != self.key_dim:
                 raise ValueError(f"weights[{name!r}] must be a float [key_dim={self.key_dim}, dim] matrix, "
                                  f"got {w.dtype} {list(w.shape)}")
-            out[name] = w.float()
         if out["w_q"].shape != out["w_k"].shape:
             raise ValueError(f"weights['w_q'] {list(out['w_q'].shape)} and weights['w_k'] {list(out['w_k'].shape)} "
                              f"must have the same shape")

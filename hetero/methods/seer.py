@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,7 +44,7 @@ import torch
 from ..backends import opencl
 from ..runtime import Run, Step
 from . import seer_reference as ref
-from .base import Method
+from .base import Method, weight_matrices
 from .page_sparse import (DeviceLengths, PageSparseAttention, SharesApply, _capacity, _check_append, _check_kv,
                           _check_lengths, _check_query, _grown_capacity, _nbytes, _nonnegative_int, _positive_int,
                           _round_up, kv_example_inputs, kv_work, storage_bytes, store_kv)
@@ -189,21 +188,7 @@ class SeerAttention(Method):
     # --- weights ------------------------------------------------------------------------
 
     def _check_weights(self, weights) -> dict:
-        if not isinstance(weights, Mapping) or set(weights) != set(WEIGHT_NAMES):
-            got = sorted(weights) if isinstance(weights, Mapping) else type(weights).__name__
-            raise ValueError(f"weights must be a dict with keys {list(WEIGHT_NAMES)}, got {got}")
-        out = {}
-        for name in WEIGHT_NAMES:
-            w = weights[name]
-            try:
-                w = w.detach().cpu() if isinstance(w, torch.Tensor) else torch.from_numpy(np.asarray(w))
-            except TypeError as exc:
-                raise ValueError(f"weights[{name!r}] must be a float matrix (torch tensor or array): {exc}") from None
-            if w.dim() != 2 or not w.dtype.is_floating_point:
-                raise ValueError(f"weights[{name!r}] must be a 2-D float matrix, got {w.dtype} {list(w.shape)}")
-            if not torch.isfinite(w).all():
-                raise ValueError(f"weights[{name!r}] contains NaN or Inf")
-            out[name] = w.float().contiguous()
+        out = weight_matrices(weights, WEIGHT_NAMES)
         dim = out["w_q"].shape[1]
         if out["w_q"].shape[0] != self.gate_dim or dim == 0:
             raise ValueError(f"weights['w_q'] must be [gate_dim, head_dim] = [{self.gate_dim}, head_dim], "
