@@ -206,7 +206,7 @@ class Pipeline:
     """
 
     def __init__(self, method, placement=None, validate: bool = True, *, shapes: dict | None = None,
-                 objective: str = "latency", devices=None):
+                 objective: str = "latency", devices=None, refine: int = 0):
         self.method = method
         self.validate = bool(validate)
         self.last_run: RunRecord | None = None
@@ -220,7 +220,7 @@ class Pipeline:
 
             if objective not in OBJECTIVES:
                 raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-            self._auto = dict(shapes=dict(shapes or {}), objective=objective, devices=devices)
+            self._auto = dict(shapes=dict(shapes or {}), objective=objective, devices=devices, refine=refine)
         else:
             self._bind(Placement.resolve(method, placement))
 
@@ -257,7 +257,7 @@ class Pipeline:
 
             auto = self._auto
             shapes = {**self.method.input_shapes(*inputs, **options), **auto["shapes"]}
-            self.plan = place(self.method, shapes, auto["devices"], auto["objective"])
+            self.plan = place(self.method, shapes, auto["devices"], auto["objective"], refine=auto["refine"])
             self._bind(Placement.resolve(self.method, self.plan.placement))
         memory = self._call("prepare", self.method.prepare, *inputs, **options)
         memory.placement = self.placement

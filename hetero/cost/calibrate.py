@@ -506,7 +506,13 @@ def decode_case(method, shape: dict, seed: int = 0):
     """(prepare inputs, query, appends) of `method` at a grid shape: its `example_inputs` and 4
     one-entry appends from its `decode_inputs` (none where a decode step appends nothing)."""
     inputs, query = method.example_inputs(method_shapes(method, shape), seed)
-    return inputs, query, method.decode_inputs(inputs, 4, seed) if method.STEP_APPENDS else []
+    return inputs, query, decode_inputs_for(method, inputs, seed)
+
+
+def decode_inputs_for(method, inputs, seed: int = 0) -> list[tuple]:
+    """4 one-entry appends for decode steps on memory prepared from `inputs` (none where a
+    decode step appends nothing)."""
+    return method.decode_inputs(inputs, 4, seed) if method.STEP_APPENDS else []
 
 
 def measure_decode(method, placement, inputs, query, new, repeats: int, warmup: int = 2, pipe=None, memory=None):

@@ -43,6 +43,9 @@ class Plan:
     baselines: dict[str, Estimate]
     search: str
     not_runnable: dict[str, list[str]] = field(default_factory=dict)  # device -> steps it cannot run, why
+    # refine=N: measured decode-step seconds (robust median) of the placements measured, by label
+    measured: dict[str, float] = field(default_factory=dict)
+    predicted_choice: Estimate | None = None  # the model's own choice, when refinement changed it
 
     @property
     def placement(self) -> dict[str, str]:
@@ -84,6 +87,12 @@ class Plan:
         console.print(f"chosen: [bold]{chosen.label()}[/]: {_ms(chosen.seconds)} per decode step, "
                       f"{chosen.energy_j * 1e3:.3g} mJ (modeled energy)"
                       + (" [pipelined: transfers overlap other devices' work]" if chosen.overlap else ""))
+        if self.measured:
+            console.print(f"refined by measurement: {len(self.measured)} placements (the best-predicted and the "
+                          f"single-device baselines) run on this machine; chosen "
+                          f"{_ms(self.measured[chosen.label()])} measured"
+                          + (f" (the model alone chose {self.predicted_choice.label()}, measured "
+                             f"{_ms(self.measured[self.predicted_choice.label()])})" if self.predicted_choice else ""))
         for warning in self.warnings():
             console.print(f"[yellow]note:[/] {warning}")
         steps = Table(title="chosen placement, per operation (x layers)", title_justify="left")
@@ -101,20 +110,23 @@ class Plan:
         console.print(steps)
         ranked = Table(title=f"placements ranked by {self.objective} (top {top} of {len(self.ranked)} feasible)",
                        title_justify="left")
-        for col in ("#", "placement", "latency", "energy", "EDP", f"vs chosen"):
+        cols = ["#", "placement", "latency", "energy", "EDP", "vs chosen"] + (["measured"] if self.measured else [])
+        for col in cols:
             ranked.add_column(col, justify="left" if col == "placement" else "right")
         best = chosen.objective(self.objective)
         for i, e in enumerate(self.ranked[:top], 1):
+            measured = [_ms(self.measured[e.label()]) if e.label() in self.measured else "-"] if self.measured else []
             ranked.add_row(str(i), e.label(), _ms(e.seconds), f"{e.energy_j * 1e3:.3g} mJ", f"{e.edp * 1e6:.3g} mJ*ms",
-                           f"{e.objective(self.objective) / best:.2f}x")
+                           f"{e.objective(self.objective) / best:.2f}x", *measured)
         console.print(ranked)
         base = Table(title="single-device baselines", title_justify="left")
         for col in ("device", "latency", "energy", f"{self.objective} vs chosen", "note"):
             base.add_column(col, justify="left" if col in ("device", "note") else "right")
         for dev, e in self.baselines.items():
             if e.feasible:
+                note = f"measured {_ms(self.measured[e.label()])}" if e.label() in self.measured else ""
                 base.add_row(self._name(dev), _ms(e.seconds), f"{e.energy_j * 1e3:.3g} mJ",
-                             f"{e.objective(self.objective) / best:.2f}x", "")
+                             f"{e.objective(self.objective) / best:.2f}x", note)
             else:
                 base.add_row(self._name(dev), "-", "-", "-", "; ".join(e.reasons))
         console.print(base)
@@ -219,7 +231,7 @@ def make_system(device_list, home: str | None = None, links: dict | None = None)
 
 def place(method, shapes: dict | None = None, devices=None, objective: str = "latency", home: str | None = None,
           links: dict | None = None, overlap: bool = False, exhaustive_limit: int = EXHAUSTIVE_LIMIT,
-          adjust=None) -> Plan:
+          adjust=None, refine: int = 0, refine_rounds: int = 10) -> Plan:
     """The best step -> device placement of `method` for one decode step at `shapes`.
 
     Args:
@@ -233,9 +245,22 @@ def place(method, shapes: dict | None = None, devices=None, objective: str = "la
             (others are staged through host memory over each device's host link).
         overlap: steps pipelined across layers/queries, so transfers hide behind other
             devices' work and only the busiest device or link counts.
+        refine: measure the `refine` best-predicted placements and the single-device
+            baselines on this machine (synthetic inputs at `shapes`, `refine_rounds`
+            interleaved rounds of decode steps) and choose the fastest measured one. The
+            model ranks; measurement settles what it cannot see (e.g. devices sharing CPU
+            cores slowing each other). Latency objective only; placements on modeled devices
+            are not measured. 0 (default): the model decides.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if not isinstance(refine, int) or isinstance(refine, bool) or refine < 0:
+        raise ValueError(f"refine must be a count of placements to measure (an int >= 0), got {refine!r}")
+    if refine and objective != "latency":
+        raise ValueError(f"refine measures time, so it needs objective='latency' (got {objective!r}); energy and EDP "
+                         f"are not measured here")
+    if not isinstance(refine_rounds, int) or refine_rounds < 1:
+        raise ValueError(f"refine_rounds must be an int >= 1, got {refine_rounds!r}")
     shapes = method.shapes(**(shapes or {}))
     system, devs = make_system(devices, home, links)
     candidates: dict[Step, list[str]] = {}
@@ -288,7 +313,53 @@ def place(method, shapes: dict | None = None, devices=None, objective: str = "la
     if not feasible:
         reasons = sorted({r for e in infeasible for r in e.reasons})
         raise ProfileError(f"no placement of {method.name} at {shapes} fits the devices:\n  " + "\n  ".join(reasons))
-    return Plan(method, shapes, objective, system, feasible[0], feasible, infeasible, baselines, search, not_runnable)
+    plan = Plan(method, shapes, objective, system, feasible[0], feasible, infeasible, baselines, search, not_runnable)
+    if refine:
+        _refine(plan, devs, refine, refine_rounds)
+    return plan
+
+
+def _refine(plan: Plan, devs: dict[str, Device], count: int, rounds: int, steps: int = 3) -> None:
+    """Measure the `count` best-predicted placements that run on present devices only, and
+    the single-device baselines, interleaved in a new random order each round (a slow spell
+    of a shared machine then hits them all alike), and choose the fastest by robust median
+    of the decode-step wall time."""
+    import numpy as np
+
+    from ..runtime import Pipeline
+    from .calibrate import decode_inputs_for, measure_decode, robust_median
+
+    method = plan.method
+
+    def runnable(e: Estimate) -> bool:
+        return e.feasible and not any(devs[d].info.get("modeled") for d in e.assignment.values())
+
+    # the single-device baselines too: the model's systematic errors (unmodeled costs of
+    # crossing devices) favour splits, and a baseline is what a split must beat
+    candidates = [e for e in plan.ranked if runnable(e)][:count]
+    candidates += [e for e in plan.baselines.values() if runnable(e) and e.label() not in {c.label() for c in candidates}]
+    if len(candidates) < 2:
+        plan.search += "; nothing to refine (fewer than 2 placements on present devices)"
+        return
+    inputs, query = method.example_inputs(plan.shapes)
+    new = decode_inputs_for(method, inputs)
+    runs = []
+    for e in candidates:
+        pipe = Pipeline(method, {s.value: d for s, d in e.assignment.items()})
+        runs.append((e, pipe, pipe.prepare(*inputs)))
+    walls: dict[str, list[float]] = {e.label(): [] for e in candidates}
+    rng = np.random.default_rng(0)
+    for _ in range(rounds):
+        for i in rng.permutation(len(runs)):
+            e, pipe, memory = runs[i]
+            walls[e.label()] += measure_decode(method, None, inputs, query, new, steps, warmup=1, pipe=pipe,
+                                               memory=memory)["wall"]
+    plan.measured = {label: robust_median(w) for label, w in walls.items()}
+    best = min(candidates, key=lambda e: plan.measured[e.label()])
+    if best is not plan.chosen:
+        plan.predicted_choice, plan.chosen = plan.chosen, best
+    plan.search += (f"; refined by measuring the {min(count, len(candidates))} best-predicted placements and the "
+                    f"single-device baselines ({len(candidates)} in all, {rounds} rounds)")
 
 
 def _greedy(estimate, candidates: dict[Step, list[str]], rank_key) -> list[Estimate]:
