@@ -8,9 +8,12 @@ it), every op of every device is run on shapes NOT in the calibration grid and c
 Regret: for each context (batch 1, 8 KV heads, 32 query heads, head_dim 128, float32, page
 16, budget 2,048 tokens, as bench/sparse_attention.py), every placement of
 PageSparseAttention over the present devices (3^4 = 81) is measured (a decode step = append
-1 token + step, wall time, robust median over repeats), `hetero.place(..., objective=
-"latency")` chooses one, and regret = measured(chosen) / min measured - 1. The chosen and
-the fastest measured placements are re-measured interleaved in a confirmation round, so the
+1 token + step, wall time, robust median), round-robin in a new random order each round so
+the machine's slow spells hit every placement alike. Two choices are scored: the model's
+alone (`hetero.place(..., objective="latency")`) and the model refined by measuring its
+5 best-predicted placements (`refine=5`, its own separate measurement); regret =
+measured(chosen) / min measured - 1, both from this bench's measurements. The chosen and the
+fastest measured placements are re-measured interleaved in confirmation rounds, so the
 minimum is not just the luckiest sample. Spearman rank correlation of predicted vs measured
 over all placements is reported too.
 
@@ -48,6 +51,7 @@ from hetero.methods import PageSparseAttention  # noqa: E402
 from hetero.runtime import STEPS, Pipeline  # noqa: E402
 
 PAGE, BUDGET = 16, 2048
+REFINE = 5  # hetero.place(..., refine=REFINE): the best-predicted placements measured before choosing
 HELD_OUT = [dict(batch=1, kv_heads=8, q_heads=32, context=8192), dict(batch=1, kv_heads=8, q_heads=32, context=32768),
             dict(batch=1, kv_heads=8, q_heads=32, context=131072), dict(batch=2, kv_heads=8, q_heads=16, context=12288),
             dict(batch=1, kv_heads=4, q_heads=16, context=98304)]
@@ -93,60 +97,91 @@ def accuracy(method, ids, repeats, k) -> list[dict]:
     return points
 
 
-def regret(method, ids, context, repeats, confirm_rounds, k) -> dict:
+def regret(method, ids, context, rounds, per_visit, confirm_rounds, k) -> dict:
     shapes = method.shapes(batch=1, kv_heads=8, q_heads=32, head_dim=128, context=context, dtype="float32")
     t0 = time.perf_counter()
     plan = hetero.place(method, shapes, devices=ids, objective="latency")
     place_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    refined = hetero.place(method, shapes, devices=ids, objective="latency", refine=REFINE)
+    refine_s = time.perf_counter() - t0
     by_assignment = {tuple(e.assignment[s] for s in STEPS): e for e in plan.ranked + plan.infeasible}
     chosen = tuple(plan.chosen.assignment[s] for s in STEPS)
+    chosen_refined = tuple(refined.chosen.assignment[s] for s in STEPS)
     inputs, query, new = cal.decode_case(method, dict(batch=1, kv_heads=8, q_heads=32, context=context))
     combos = list(itertools.product(ids, repeat=len(STEPS)))
-    pipes, memories, samples = {}, {}, {}
+    pipes, memories = {}, {}
+    samples: dict[tuple, list[float]] = {c: [] for c in combos}
+
+    def visit(combo, steps):
+        """`steps` timed decode steps of `combo` after one untimed one (the switch from the
+        previous placement: other memory, cold caches), on the shared memory re-bound to it."""
+        placement = dict(zip((s.value for s in STEPS), combo))
+        memory = memories[(placement["relevancy"], placement["apply"])]
+        memory.placement = pipes[combo].placement  # same summaries and cache: re-bound, not rebuilt
+        m = cal.measure_decode(method, placement, inputs, query, new, steps, warmup=1, pipe=pipes[combo], memory=memory)
+        samples[combo].extend(m["wall"])
+
     for combo in combos:
         placement = dict(zip((s.value for s in STEPS), combo))
+        pipes[combo] = Pipeline(method, placement)
         group = (placement["relevancy"], placement["apply"])
-        pipe = Pipeline(method, placement)
         if group not in memories:
-            memories[group] = pipe.prepare(*inputs)
-        memory = memories[group]
-        memory.placement = pipe.placement  # same summaries and cache: re-bound, not rebuilt
-        m = cal.measure_decode(method, placement, inputs, query, new, repeats, pipe=pipe, memory=memory)
-        pipes[combo] = pipe
-        samples[combo] = list(m["wall"])
+            memories[group] = pipes[combo].prepare(*inputs)
+    # The machine's speed drifts (shared vCPUs: the same kernel runs 1.7 or 2.9 ms for
+    # minutes at a time), so placements are measured round-robin in a new random order each
+    # round: a slow spell hits them all alike instead of whichever ran during it.
+    rng = np.random.default_rng(context)
+    for _ in range(rounds):
+        for i in rng.permutation(len(combos)):
+            visit(combos[i], per_visit)
     # confirmation: the chosen and the fastest measured placements again, interleaved
     first = {c: cal.robust_median(s, k) for c, s in samples.items()}
-    finalists = list(dict.fromkeys([chosen] + sorted(first, key=first.get)[:5]))
+    finalists = list(dict.fromkeys([chosen, chosen_refined] + sorted(first, key=first.get)[:5]))
     for _ in range(confirm_rounds):
-        for combo in finalists:
-            placement = dict(zip((s.value for s in STEPS), combo))
-            memory = memories[(placement["relevancy"], placement["apply"])]
-            memory.placement = pipes[combo].placement
-            m = cal.measure_decode(method, placement, inputs, query, new, repeats, warmup=1,
-                                   pipe=pipes[combo], memory=memory)
-            samples[combo].extend(m["wall"])
+        for i in rng.permutation(len(finalists)):
+            visit(finalists[i], per_visit)
     measured = {c: cal.robust_median(s, k) for c, s in samples.items()}
     best = min(measured, key=measured.get)
+
+    def interval(combo) -> list[float]:
+        """90% bootstrap interval of median(combo) / median(fastest) - 1 (the noise on a regret)."""
+        boot = np.random.default_rng(1)
+        a, b = (np.asarray(cal.robust_keep(samples[c], k)) for c in (combo, best))
+        ratio = (np.median(a[boot.integers(0, len(a), (2000, len(a)))], axis=1)
+                 / np.median(b[boot.integers(0, len(b), (2000, len(b)))], axis=1))
+        return [float(np.percentile(ratio, 5) - 1), float(np.percentile(ratio, 95) - 1)]
     rows = []
     for combo in combos:
         est = by_assignment.get(combo)
         rows.append({"placement": dict(zip((s.value for s in STEPS), combo)), "measured_s": measured[combo],
                      "samples": len(samples[combo]), "predicted_s": est.seconds if est else None,
-                     "feasible": bool(est and est.feasible), "chosen": combo == chosen, "fastest": combo == best})
+                     "feasible": bool(est and est.feasible), "chosen": combo == chosen,
+                     "chosen_refined": combo == chosen_refined, "fastest": combo == best})
     pairs = [(r["predicted_s"], r["measured_s"]) for r in rows if r["predicted_s"] is not None]
     rho = spearman([p for p, _ in pairs], [m for _, m in pairs])
-    del pipes, memories, inputs, query, new
+    pipes.clear()
+    memories.clear()  # free the caches before the next context
     gc.collect()
     return {"context": context, "chosen": dict(zip((s.value for s in STEPS), chosen)),
             "chosen_label": plan.chosen.label(), "chosen_measured_s": measured[chosen],
             "chosen_predicted_s": plan.chosen.seconds, "fastest": dict(zip((s.value for s in STEPS), best)),
             "fastest_measured_s": measured[best], "regret": measured[chosen] / measured[best] - 1,
             "chosen_rank_measured": sorted(measured.values()).index(measured[chosen]) + 1,
+            "refined": dict(zip((s.value for s in STEPS), chosen_refined)), "refined_label": refined.chosen.label(),
+            "refined_measured_s": measured[chosen_refined], "regret_refined": measured[chosen_refined] / measured[best] - 1,
+            "refined_rank_measured": sorted(measured.values()).index(measured[chosen_refined]) + 1,
+            "regret_interval": interval(chosen), "regret_refined_interval": interval(chosen_refined),
+            "refine_s": refine_s, "refine_measured": refined.measured,
             "spearman": rho, "placements": len(combos), "place_s": place_s, "finalists": len(finalists), "rows": rows}
 
 
 def _ms(s):
     return f"{s * 1e3:.2f}"
+
+
+def _regret(value: float, interval: list[float]) -> str:
+    return f"{value:.1%} ({interval[0]:+.1%} to {interval[1]:+.1%})"
 
 
 def _short(p: dict) -> str:
@@ -171,7 +206,9 @@ def main(argv=None) -> int:
     parser.add_argument("--calibrate", action="store_true", help="run `hetero calibrate` first (default: only "
                         "when no machine profile exists)")
     parser.add_argument("--repeats", type=int, default=7, help="decode steps per placement (default 7)")
-    parser.add_argument("--confirm", type=int, default=3, help="confirmation rounds of the finalists (default 3)")
+    parser.add_argument("--rounds", type=int, default=8, help="round-robin rounds over every placement (default 8)")
+    parser.add_argument("--per-visit", type=int, default=3, help="timed decode steps per placement per round (default 3)")
+    parser.add_argument("--confirm", type=int, default=8, help="confirmation rounds of the finalists (default 8)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-regret", action="store_true")
@@ -213,18 +250,20 @@ def main(argv=None) -> int:
         for ctx in args.contexts:
             t0 = time.perf_counter()
             print(f"regret at context {ctx:,}: measuring {len(ids) ** 4} placements ...", flush=True)
-            r = regret(method, ids, ctx, args.repeats, args.confirm, k)
+            r = regret(method, ids, ctx, args.rounds, args.per_visit, args.confirm, k)
             regrets.append(r)
             print(f"  chosen {r['chosen_label']}: {_ms(r['chosen_measured_s'])} ms measured "
                   f"({_ms(r['chosen_predicted_s'])} predicted), fastest {_short(r['fastest'])} "
                   f"{_ms(r['fastest_measured_s'])} ms; regret {r['regret']:.1%}, rank {r['chosen_rank_measured']}, "
-                  f"Spearman {r['spearman']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                  f"Spearman {r['spearman']:.2f}; refine={REFINE} chose {_short(r['refined'])}: regret "
+                  f"{r['regret_refined']:.1%} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     total_s = time.perf_counter() - start
     payload = {"benchmark": "cost_model", "machine": info,
                "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV}, "profile": str(profiles.MACHINE_PROFILE),
                "profile_header": header_line, "calibration": calibration, "method": repr(method),
-               "repeats": args.repeats, "confirm_rounds": args.confirm, "outlier_rejection_k_mad": k,
+               "repeats": args.repeats, "rounds": args.rounds, "per_visit": args.per_visit,
+               "confirm_rounds": args.confirm, "refine": REFINE, "outlier_rejection_k_mad": k,
                "held_out_shapes": HELD_OUT, "accuracy": acc, "accuracy_points": points,
                "regret": regrets, "seconds": total_s}
     md = [f"# Cost model accuracy and placer regret\n\n{info['date']} on {info['cpu']} ({info['cores']} cores), "
@@ -245,15 +284,22 @@ def main(argv=None) -> int:
                              f"{p['shapes']['context']:,}", p["device"], p["op"], f"{p['measured_s'] * 1e3:.3f}",
                              f"{p['predicted_s'] * 1e3:.3f}", f"{p['error']:+.0%}"] for p in points]))
     if regrets:
-        md.append("\n## Placer regret (every placement measured)\n\n1 sequence, 8 KV heads x 32 query heads. "
-                  "Regret = measured(chosen) / min measured - 1; Spearman = rank correlation of predicted vs "
-                  "measured decode-step time over all placements (predicted excludes the runtime's per-call Python "
-                  "overhead, which every placement pays).\n\n")
-        md.append(md_table(["context", "placements", "chosen (placer)", "chosen ms (predicted)", "fastest measured",
-                            "fastest ms", "regret", "chosen's measured rank", "Spearman"],
-                           [[f"{r['context']:,}", r["placements"], r["chosen_label"],
-                             f"{_ms(r['chosen_measured_s'])} ({_ms(r['chosen_predicted_s'])})", _short(r["fastest"]),
-                             _ms(r["fastest_measured_s"]), f"{r['regret']:.1%}", r["chosen_rank_measured"],
+        md.append(f"\n## Placer regret (every placement measured)\n\n1 sequence, 8 KV heads x 32 query heads. "
+                  f"Every placement measured round-robin: {args.rounds} rounds x (1 untimed + {args.per_visit} timed "
+                  f"decode steps), the finalists {args.confirm} more rounds. Regret = measured(chosen) / min measured "
+                  f"- 1, with a 90% bootstrap interval of the chosen's median over the fastest's (the noise on "
+                  f"it). *model*: `hetero.place(..., objective='latency')`; *refine={REFINE}*: the same, then its "
+                  f"{REFINE} best-predicted placements measured (`refine={REFINE}`, a separate measurement) and the "
+                  f"fastest taken. Spearman = rank correlation of predicted vs measured decode-step time over all "
+                  f"placements (predicted excludes the runtime's per-call Python overhead, about 0.3 ms per call, "
+                  f"which every placement pays).\n\n")
+        md.append(md_table(["context", "placements", "chosen (model)", "ms measured (predicted)", "regret (model)",
+                            "rank", "chosen (refine)", "ms measured", "regret (refine)", "fastest measured",
+                            "fastest ms", "Spearman"],
+                           [[f"{r['context']:,}", r["placements"], _short(r["chosen"]),
+                             f"{_ms(r['chosen_measured_s'])} ({_ms(r['chosen_predicted_s'])})",
+                             _regret(r["regret"], r["regret_interval"]), r["chosen_rank_measured"], _short(r["refined"]),
+                             _ms(r["refined_measured_s"]), _regret(r["regret_refined"], r["regret_refined_interval"]), _short(r["fastest"]), _ms(r["fastest_measured_s"]),
                              f"{r['spearman']:.2f}"] for r in regrets]))
         for r in regrets:
             top = sorted(r["rows"], key=lambda x: x["measured_s"])[:8]
@@ -261,7 +307,9 @@ def main(argv=None) -> int:
             md.append(md_table(["placement", "measured ms", "predicted ms", "samples", ""],
                                [[_short(x["placement"]), _ms(x["measured_s"]),
                                  _ms(x["predicted_s"]) if x["predicted_s"] else "-", x["samples"],
-                                 "chosen" if x["chosen"] else ""] for x in top]))
+                                 ", ".join(w for w, on in (("chosen (model)", x["chosen"]),
+                                                           ("chosen (refine)", x["chosen_refined"])) if on)]
+                                for x in top]))
     json_path, md_path = write_results("cost_model", payload, "".join(md))
     print(f"wrote {json_path} and {md_path} ({total_s:.0f} s)")
     return 0
