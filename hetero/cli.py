@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     calib.add_argument("--devices", nargs="+", metavar="ID", help="device ids to calibrate (default: every present one)")
     calib.add_argument("--methods", nargs="+", metavar="NAME",
                        help="registered methods whose operations are fitted, with default options (default: every "
-                            "registered one); the profile written holds only their fits")
+                            "registered one); other methods' fits already in the profile are kept")
     calib.add_argument("--quick", action="store_true", help="a smaller sweep and shape grid (a minute or two)")
     calib.add_argument("--out", metavar="PATH", help="where to write the TOML (default ~/.cache/hetero/machine.toml)")
     calib.add_argument("--repeats", type=int, default=None, help="decode steps per placement and shape (default 7, 5 "

@@ -150,3 +150,19 @@ def test_op_placements_move_a_step_the_method_cannot_run():
     assert {"prepare": "host", "relevancy": "host", "retrieval": "host", "apply": "torch:cpu"} in placements
     assert all(p["apply"] == "torch:cpu" for p in placements) and len(placements) == 4
     assert len(cal.op_placements(["torch:cpu", "host"])) == 4
+
+
+def test_calibrating_some_methods_keeps_the_other_methods_fits(tmp_path):
+    path = tmp_path / "machine.toml"
+    cal.calibrate(devices=["torch:cpu"], methods=["page-sparse"], quick=True, path=path, repeats=1, grid=TINY_GRID_2K)
+    first = load(path).devices["torch:cpu"]
+    page_ops = {op for op in first.ops if op.startswith("PageSparseAttention.")}
+    assert page_ops
+    result = cal.calibrate(devices=["torch:cpu"], methods=["dsa"], quick=True, path=path, repeats=1,
+                           grid=TINY_GRID_2K)
+    merged = load(path).devices["torch:cpu"]
+    assert page_ops <= set(merged.ops) and any(op.startswith("DSAIndexer.") for op in merged.ops)
+    assert set(result.report["kept_fits"]["torch:cpu"]) == page_ops
+    for op in page_ops:  # carried over unchanged, with their own sources
+        assert merged.ops[op] == first.ops[op]
+        assert merged.sources[f"ops.{op}.overhead"] == first.sources[f"ops.{op}.overhead"]

@@ -557,31 +557,43 @@ def task_rooflines(method, placement: dict[str, str], shapes: dict, profiles: di
 
 
 def measure_ops(method, device_ids: list[str], profiles: dict[str, DeviceProfile], ctx: _Ctx,
-                grid: list[dict]) -> list[dict]:
-    """Points (method, device, op, pattern, shapes, roofline, measured seconds, samples) over the grid."""
+                grid: list[dict], per_visit: int = 2) -> list[dict]:
+    """Points (method, device, op, pattern, shapes, roofline, measured seconds, samples) over
+    the grid. At each shape every placement is prepared once, then visited round-robin in a
+    new random order each round (1 untimed + `per_visit` timed decode steps a visit) until
+    each has `ctx.repeats` samples: the machine's speed drifts for minutes at a time on shared
+    cores, and interleaving spreads a slow spell over every op instead of biasing a few."""
     points = []
     placements = op_placements(device_ids, method)
+    rounds = max(2, -(-ctx.repeats // per_visit))
+    rng = np.random.default_rng(0)
     for shape in grid:
         inputs, query, new = decode_case(method, shape)
         shapes = method_shapes(method, shape)
         seen: dict[tuple[str, str], list[float]] = {}
         roofs: dict[tuple[str, str], tuple[float, str]] = {}
+        where = f"{method.name} ops at {method.CONTEXT_SHAPE} {shape['context']:,}, batch {shape['batch']}"
+        runs = []
         for placement in placements:
-            ctx.say(f"{method.name} ops at {method.CONTEXT_SHAPE} {shape['context']:,}, batch {shape['batch']}: "
-                    f"{_label(placement)}")
-            m = measure_decode(method, placement, inputs, query, new, ctx.repeats)
+            ctx.say(f"{where}: preparing {_label(placement)}")
+            pipe = Pipeline(method, placement)
+            runs.append((placement, pipe, pipe.prepare(*inputs)))
             roofs.update(task_rooflines(method, placement, shapes, profiles))
-            for key, samples in m["ops"].items():
-                seen.setdefault(key, []).extend(samples)
-            del m
-            gc.collect()
-            ctx.say("", advance=1)
+        for r in range(rounds):
+            ctx.say(f"{where}: round {r + 1} of {rounds} over {len(runs)} placements")
+            for i in rng.permutation(len(runs)):
+                placement, pipe, memory = runs[i]
+                m = measure_decode(method, placement, inputs, query, new, per_visit, warmup=1, pipe=pipe, memory=memory)
+                for key, samples in m["ops"].items():
+                    seen.setdefault(key, []).extend(samples)
+            ctx.say("", advance=len(runs) / rounds)
         for (dev, op), samples in seen.items():
             if (dev, op) not in roofs:
                 continue
             roof, pattern = roofs[(dev, op)]
             points.append({"method": method.name, "device": dev, "op": op, "pattern": pattern, "shapes": dict(shape),
                            "roofline_s": roof, "measured_s": robust_median(samples, ctx.k), "samples": len(samples)})
+        runs.clear()
         del inputs, query, new
         gc.collect()
     return points
@@ -611,6 +623,33 @@ def fit_ops(points: list[dict], ctx: _Ctx) -> dict[str, dict]:
 
 # --- the whole calibration ------------------------------------------------------------
 
+def _keep_other_fits(path: Path, built: dict[str, DeviceProfile], methods: set[str]) -> dict[str, list[str]]:
+    """Carry the op fits of methods not calibrated now over from the profile at `path` (a
+    `--methods` run refreshes those methods and keeps the rest), with their own sources.
+    Returns {device: [kept "Method.op", ...]}."""
+    if not path.is_file():
+        return {}
+    try:
+        old = _profiles.load(path)
+    except _profiles.ProfileError:
+        return {}  # an unreadable old profile is replaced, not merged
+    kept: dict[str, list[str]] = {}
+    for dev_id, prof in built.items():
+        before = old.devices.get(dev_id)
+        if before is None:
+            continue
+        for op, fit in before.ops.items():
+            if op.split(".")[0] in methods or op in prof.ops:
+                continue
+            prof.ops[op] = fit
+            for field_name in ("overhead", "efficiency"):
+                key = f"ops.{op}.{field_name}"
+                if key in before.sources:
+                    prof.sources[key] = before.sources[key]
+            kept.setdefault(dev_id, []).append(op)
+    return kept
+
+
 POWER_SOURCE = ("modeled, no RAPL: {what} (a ~200 W TDP server Xeon with ~40 vCPUs is ~5 W per vCPU busy; "
                 "idle ~30% of that); CPU-resident devices share part 'host-cpu', so the CPU is counted once")
 
@@ -624,8 +663,8 @@ def calibrate(devices=None, methods=None, quick: bool = False, path=None, progre
         devices: device ids to calibrate (default every present device; modeled ones are skipped).
         methods: the methods whose ops are fitted: registered names or Method objects (default
             every registered method calibration can run, see `calibratable`, with its default
-            options; the others are listed in `.report["skipped_methods"]`). The profile holds
-            only their fits.
+            options; the others are listed in `.report["skipped_methods"]`). Fits of other
+            methods already in the profile at `path` are kept (`.report["kept_fits"]`).
         quick: a smaller sweep and grid.
         path: where to write the TOML.
         progress: a rich Progress to report to (optional).
@@ -744,6 +783,7 @@ def calibrate(devices=None, methods=None, quick: bool = False, path=None, progre
     ctx.say("writing", advance=1)
     path = Path(path) if path is not None else _profiles.MACHINE_PROFILE
     path.parent.mkdir(parents=True, exist_ok=True)
+    report["kept_fits"] = _keep_other_fits(path, built, {m.name for m in methods})
     header = (f"# hetero calibrate, {ctx.date} on {ctx.cpu} ({os.cpu_count()} CPUs), devices {', '.join(ids)}"
               f"{' (quick)' if quick else ''}\n# RAPL readable: {report['rapl_readable']}; power is modeled.\n\n")
     text = header + _profiles.dumps(list(built.values()), links)
