@@ -127,7 +127,8 @@ def regret(method, ids, context, rounds, per_visit, confirm_rounds, k) -> dict:
         pipes[combo] = Pipeline(method, placement)
         group = (placement["relevancy"], placement["apply"])
         if group not in memories:
-            memories[group] = pipes[combo].prepare(*inputs)
+            # room for every append of the run: no 25% growth copy of a 1 GB cache mid-measurement
+            memories[group] = pipes[combo].prepare(*inputs, capacity=context + 2048)
     # The machine's speed drifts (shared vCPUs: the same kernel runs 1.7 or 2.9 ms for
     # minutes at a time), so placements are measured round-robin in a new random order each
     # round: a slow spell hits them all alike instead of whichever ran during it.
