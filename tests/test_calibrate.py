@@ -58,6 +58,9 @@ def test_quick_calibration_writes_a_profile_that_loads(tmp_path):
     assert "calibrated" in prof.sources["launch"] and "MAD" in prof.sources["launch"]
     assert "no RAPL" in prof.sources["active_power"]
     assert set(result.devices) == {"torch:cpu"}
+    # one device: no device change was measured, so no handoff, and the source says so
+    assert prof.handoff == 0 and "no decode step" in prof.sources["handoff"]
+    assert result.report["decode_steps"] and all(r["wall_s"] > 0 for r in result.report["decode_steps"])
 
 
 @pytest.mark.skipif(not any(d.backend == "opencl" for d in hetero.devices()), reason="no OpenCL device")
@@ -166,3 +169,17 @@ def test_calibrating_some_methods_keeps_the_other_methods_fits(tmp_path):
     for op in page_ops:  # carried over unchanged, with their own sources
         assert merged.ops[op] == first.ops[op]
         assert merged.sources[f"ops.{op}.overhead"] == first.sources[f"ops.{op}.overhead"]
+
+
+@pytest.mark.skipif("host" not in [d.id for d in hetero.devices()], reason="the host shim is not built")
+def test_two_devices_get_fitted_handoffs(tmp_path):
+    path = tmp_path / "two.toml"
+    result = cal.calibrate(devices=["torch:cpu", "host"], methods=["page-sparse"], quick=True, path=path, repeats=1,
+                           grid=TINY_GRID_2K)
+    fitted = result.report["handoffs"]
+    assert set(fitted) == {"torch:cpu", "host"}  # the split placements change device both ways
+    written = load(path)
+    for dev, h in fitted.items():
+        assert h["seconds"] >= 0 and h["changes"] > 0 and h["steps"] == len(result.report["decode_steps"])
+        assert written.devices[dev].handoff == pytest.approx(h["seconds"], rel=1e-3, abs=1e-12)
+        assert "fitted to" in written.devices[dev].sources["handoff"]

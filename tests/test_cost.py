@@ -178,7 +178,7 @@ def _assert_same_profiles(a, b):
         e = b.devices[name]
         for attr in ("title", "kind", "emulate_on", "host_link", "part"):
             assert getattr(d, attr) == getattr(e, attr), (name, attr)
-        for attr in ("launch", "idle_power", "active_power"):
+        for attr in ("launch", "idle_power", "active_power", "handoff"):
             assert math.isclose(getattr(d, attr), getattr(e, attr), rel_tol=REL), (name, attr)
         assert d.compute.keys() == e.compute.keys() and d.efficiency.keys() == e.efficiency.keys()
         for k in d.compute:
@@ -228,7 +228,7 @@ def base_doc():
         "device": [{
             "name": "tc-dev", "title": "Test device", "kind": "gpu", "emulate_on": "torch",
             "host_link": "tc-link", "part": "tc-part",
-            "launch": fig("5 us"), "idle_power": fig("40 W"), "active_power": fig("300 W"),
+            "launch": fig("5 us"), "idle_power": fig("40 W"), "active_power": fig("300 W"), "handoff": fig("20 us"),
             "compute": {"float16": fig("181 TFLOP/s"), "float32": fig("45.3 TFLOP/s")},
             "efficiency": {"stream": fig(0.9), "scan": fig(0.3), "select": fig("0.3"), "gather": fig(0.5)},
             "memory": [{"name": "L2", "capacity": fig("8 MB"), "bandwidth": fig("5 TB/s"), "latency": fig("250 ns")},
@@ -668,6 +668,31 @@ def test_energy_counts_idle_home_and_shared_parts_once():
     assert set(separate.energy_by_device) == {"tc:a", "tc:b"}
     assert close(separate.seconds, shared.seconds)
     assert close(separate.energy_j, shared.seconds * (prof.active_power + prof.idle_power))
+
+
+def test_handoffs_charge_each_change_into_a_device():
+    method = PageSparseAttention()
+    shapes = method.shapes(context=65536, batch=4)
+    system, devs = make_system(PAIR)
+    split = {Step.PREPARE: "model:mi210", Step.RELEVANCY: "model:u55c", Step.RETRIEVAL: "model:u55c",
+             Step.APPLY: "model:mi210"}
+    placed = {s: devs[d] for s, d in split.items()}
+    work = method.workload(shapes, {s: d.backend for s, d in placed.items()}, method.fused(placed))
+    base = evaluate(method, work, split, system)
+    assert base.handoffs == []  # the shipped profiles charge none
+    nodes = [dataclasses.replace(n, profile=dataclasses.replace(n.profile, handoff=1e-3)) if n.id == "model:u55c"
+             else n for n in system.nodes.values()]
+    slow = evaluate(method, work, split, System(nodes, system.home, system.links))
+    order = [split[t.step] for t in work.tasks]  # a decode step repeats: its first task follows its last
+    into = sum(1 for a, b in zip(order[-1:] + order[:-1], order) if a != b and b == "model:u55c")
+    assert into >= 1 and len(slow.handoffs) == into
+    assert all(h.dst == "model:u55c" and h.src == "model:mi210" and h.seconds == 1e-3 for h in slow.handoffs)
+    assert close(slow.serial_seconds, base.serial_seconds + into * 1e-3 * slow.repeat)
+    assert close(slow.busy["model:u55c"], base.busy["model:u55c"] + into * 1e-3 * slow.repeat)
+    gpu = {s: "model:mi210" for s in STEPS}  # no device change, nothing charged
+    placed = {s: devs[d] for s, d in gpu.items()}
+    work = method.workload(shapes, {s: d.backend for s, d in placed.items()}, method.fused(placed))
+    assert evaluate(method, work, gpu, System(nodes, system.home, system.links)).handoffs == []
 
 
 def test_overlap_takes_the_busiest_resource():

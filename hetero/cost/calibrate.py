@@ -557,13 +557,13 @@ def task_rooflines(method, placement: dict[str, str], shapes: dict, profiles: di
 
 
 def measure_ops(method, device_ids: list[str], profiles: dict[str, DeviceProfile], ctx: _Ctx,
-                grid: list[dict], per_visit: int = 2) -> list[dict]:
+                grid: list[dict], per_visit: int = 2) -> tuple[list[dict], list[dict]]:
     """Points (method, device, op, pattern, shapes, roofline, measured seconds, samples) over
-    the grid. At each shape every placement is prepared once, then visited round-robin in a
+    the grid, and the whole decode steps (method, placement, shapes, wall seconds, samples). At each shape every placement is prepared once, then visited round-robin in a
     new random order each round (1 untimed + `per_visit` timed decode steps a visit) until
     each has `ctx.repeats` samples: the machine's speed drifts for minutes at a time on shared
     cores, and interleaving spreads a slow spell over every op instead of biasing a few."""
-    points = []
+    points, steps = [], []
     placements = op_placements(device_ids, method)
     rounds = max(2, -(-ctx.repeats // per_visit))
     rng = np.random.default_rng(0)
@@ -579,6 +579,7 @@ def measure_ops(method, device_ids: list[str], profiles: dict[str, DeviceProfile
             pipe = Pipeline(method, placement)
             runs.append((placement, pipe, pipe.prepare(*inputs)))
             roofs.update(task_rooflines(method, placement, shapes, profiles))
+        walls: list[list[float]] = [[] for _ in runs]
         for r in range(rounds):
             ctx.say(f"{where}: round {r + 1} of {rounds} over {len(runs)} placements")
             for i in rng.permutation(len(runs)):
@@ -586,7 +587,10 @@ def measure_ops(method, device_ids: list[str], profiles: dict[str, DeviceProfile
                 m = measure_decode(method, placement, inputs, query, new, per_visit, warmup=1, pipe=pipe, memory=memory)
                 for key, samples in m["ops"].items():
                     seen.setdefault(key, []).extend(samples)
+                walls[i] += m["wall"]
             ctx.say("", advance=len(runs) / rounds)
+        steps += [{"method": method.name, "placement": placement, "shapes": shapes, "grid_shape": dict(shape),
+                   "wall_s": robust_median(w, ctx.k), "samples": len(w)} for (placement, _, _), w in zip(runs, walls)]
         for (dev, op), samples in seen.items():
             if (dev, op) not in roofs:
                 continue
@@ -596,7 +600,50 @@ def measure_ops(method, device_ids: list[str], profiles: dict[str, DeviceProfile
         runs.clear()
         del inputs, query, new
         gc.collect()
-    return points
+    return points, steps
+
+
+def fit_handoffs(steps: list[dict], methods: dict, built: dict[str, DeviceProfile],
+                 links: list[LinkProfile]) -> dict[str, dict]:
+    """Per device, the time a decode step loses when a task runs there right after one on
+    another device, beyond what the op fits and transfers predict: least squares (soft L1,
+    so a stray point counts little) of measured - predicted step time on the number of device
+    changes into each device, with a free offset per method and shape (the runtime's own
+    per-call cost, which every placement there pays). {device: {"seconds", "changes", "steps"}}."""
+    from scipy.optimize import least_squares
+
+    from .model import Node, System, evaluate
+
+    by_link = {link.name: link for link in links}
+    nodes = [Node(d, prof, get_device(d).backend, False, by_link.get(prof.host_link)) for d, prof in built.items()]
+    system = System(nodes, "torch:cpu" if "torch:cpu" in built else next(iter(built)))
+    devices = list(built)
+    groups: dict[tuple, int] = {}
+    rows, residuals = [], []
+    for rec in steps:
+        method = methods[rec["method"]]
+        work, devs = workload_for(method, rec["placement"], rec["shapes"])
+        if any(devs[s].id not in built for s in STEPS):
+            continue
+        est = evaluate(method, work, {s: devs[s].id for s in STEPS}, system)
+        order = [devs[t.step].id for t in work.tasks]
+        into = [sum(1 for a, b in zip(order[-1:] + order[:-1], order) if a != b and b == d) for d in devices]
+        group = groups.setdefault((rec["method"], tuple(sorted(rec["grid_shape"].items()))), len(groups))
+        rows.append((group, into))
+        residuals.append(rec["wall_s"] - est.serial_seconds)
+    if not rows:
+        return {}
+    x = np.zeros((len(rows), len(groups) + len(devices)))
+    for i, (group, into) in enumerate(rows):
+        x[i, group] = 1.0
+        x[i, len(groups):] = into
+    y = np.asarray(residuals)
+    scale = float(np.median(np.abs(y))) or 1e-4
+    lower = np.r_[np.full(len(groups), -np.inf), np.zeros(len(devices))]
+    fit = least_squares(lambda c: (x @ c - y) / scale, np.zeros(x.shape[1]), bounds=(lower, np.inf), loss="soft_l1")
+    changes = x[:, len(groups):].sum(axis=0)
+    return {d: {"seconds": float(fit.x[len(groups) + j]), "changes": int(changes[j]), "steps": len(rows)}
+            for j, d in enumerate(devices) if changes[j] > 0}
 
 
 def _label(placement: dict[str, str]) -> str:
@@ -751,7 +798,11 @@ def calibrate(devices=None, methods=None, quick: bool = False, path=None, progre
             part="host-cpu" if cpu else "", sources=sources)
 
     # op fits against the uncalibrated (no ops) rooflines just measured
-    points = [p for method in methods for p in measure_ops(method, ids, built, ctx, grid)]
+    points, steps = [], []
+    for method in methods:
+        method_points, method_steps = measure_ops(method, ids, built, ctx, grid)
+        points += method_points
+        steps += method_steps
     fits = fit_ops(points, ctx)
     ctx.say("fitting")
     report["op_points"] = points
@@ -780,6 +831,17 @@ def calibrate(devices=None, methods=None, quick: bool = False, path=None, progre
                 prof.sources[f"efficiency.{pattern}"] = (
                     f"default {DEFAULT_EFFICIENCY[pattern]:g}: no {pattern} op of "
                     f"{', '.join(m.name for m in methods)} was fitted on this device (hetero calibrate)")
+    # handoffs: what whole decode steps lose at device changes beyond the fitted ops
+    handoff = fit_handoffs(steps, {m.name: m for m in methods}, built, links)
+    report["handoffs"] = handoff
+    report["decode_steps"] = [{k2: v for k2, v in rec.items() if k2 != "shapes"} for rec in steps]
+    for dev_id, prof in built.items():
+        h = handoff.get(dev_id)
+        prof.handoff = h["seconds"] if h else 0.0
+        prof.sources["handoff"] = (
+            f"calibrated {ctx.date} on {ctx.cpu}: fitted to {h['steps']} whole decode steps ({h['changes']} changes "
+            f"into this device) as measured minus predicted step time per change, with an offset per method and "
+            f"shape (soft-L1 least squares, >= 0)") if h else (f"0: no decode step measured by hetero calibrate {ctx.date} changed into this device")
     ctx.say("writing", advance=1)
     path = Path(path) if path is not None else _profiles.MACHINE_PROFILE
     path.parent.mkdir(parents=True, exist_ok=True)

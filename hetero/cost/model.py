@@ -7,6 +7,7 @@ placement onto device profiles:
 
     task time     = launches x launch + max(compute, bytes at each level / level bandwidth)
                     / efficiency(pattern)        (or a calibrated overhead + roofline / efficiency)
+    handoff       = the device's handoff time, wherever a task follows one on another device
     transfer time = latency + bytes / bandwidth, per hop (peer-to-peer link, or staged
                     through host memory over each device's host link)
     energy        = sum over devices of busy x active power + (total - busy) x idle power,
@@ -145,6 +146,26 @@ class System:
 
 
 @dataclass
+class Handoff:
+    """A device change in a call's task order: `dst` starts after work on `src`."""
+
+    src: str
+    dst: str
+    seconds: float
+
+
+def handoffs(tasks: list[TaskCost], system: "System") -> list[Handoff]:
+    """The handoffs of one call's tasks in order. Decode steps repeat, so the first task
+    follows the last one of the previous step."""
+    out = []
+    for prev, cost in zip(tasks[-1:] + tasks[:-1], tasks):
+        seconds = system.nodes[cost.device].profile.handoff
+        if prev.device != cost.device and seconds > 0:
+            out.append(Handoff(prev.device, cost.device, seconds))
+    return out
+
+
+@dataclass
 class Estimate:
     """A placement's predicted cost for one call (all layers)."""
 
@@ -160,6 +181,7 @@ class Estimate:
     overlap: bool = False
     feasible: bool = True
     reasons: list[str] = field(default_factory=list)
+    handoffs: list[Handoff] = field(default_factory=list)
 
     @property
     def edp(self) -> float:
@@ -205,9 +227,12 @@ def evaluate(method, workload: Workload, assignment: dict[Step, str], system: Sy
     for value in workload.outputs:
         transfers += system.transfer(value, where[value], system.home, sizes[value])
     reps = workload.repeat
+    switches = handoffs(tasks, system)
     busy: dict[str, float] = {}
     for cost in tasks:
         busy[cost.device] = busy.get(cost.device, 0.0) + cost.seconds * reps
+    for h in switches:  # the device starting up is busy
+        busy[h.dst] = busy.get(h.dst, 0.0) + h.seconds * reps
     link_busy: dict[str, float] = {}
     for t in transfers:
         link_busy[t.link] = link_busy.get(t.link, 0.0) + t.seconds * reps
@@ -225,7 +250,8 @@ def evaluate(method, workload: Workload, assignment: dict[Step, str], system: Sy
         b = min(sum(busy.get(dev, 0.0) for dev in members), seconds)
         energy_by_device[" + ".join(members)] = b * prof.active_power + (seconds - b) * prof.idle_power
     energy = sum(energy_by_device.values()) + sum(t.energy_j for t in transfers) * reps
-    return Estimate(dict(assignment), tasks, transfers, reps, seconds, serial, busy, energy, energy_by_device, overlap)
+    return Estimate(dict(assignment), tasks, transfers, reps, seconds, serial, busy, energy, energy_by_device, overlap,
+                    handoffs=switches)
 
 
 def capacity_reasons(workload: Workload, assignment: dict[Step, str], system: System) -> list[str]:

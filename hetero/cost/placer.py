@@ -107,6 +107,10 @@ class Plan:
         for x in chosen.transfers:
             steps.add_row("transfer", x.what, f"{x.src} -> {x.dst}", _ms(x.seconds * chosen.repeat),
                           f"link {x.link}", f"{x.energy_j * chosen.repeat * 1e3:.3g} mJ")
+        for h in chosen.handoffs:
+            energy = h.seconds * chosen.repeat * self.system.nodes[h.dst].profile.active_power
+            steps.add_row("handoff", f"after {h.src}", self._name(h.dst), _ms(h.seconds * chosen.repeat),
+                          "device change", f"{energy * 1e3:.3g} mJ")
         console.print(steps)
         ranked = Table(title=f"placements ranked by {self.objective} (top {top} of {len(self.ranked)} feasible)",
                        title_justify="left")

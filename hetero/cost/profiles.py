@@ -68,6 +68,9 @@ class DeviceProfile:
     part: str = ""  # devices naming one part are one piece of silicon (e.g. three views of one CPU)
     sources: dict[str, str] = field(default_factory=dict, repr=False)  # field path -> source
     path: str = ""
+    # s charged when a task on this device follows one on another device: waking its runtime
+    # (PoCL's sleeping workers, a GPU stream waiting on the host) and warming its caches
+    handoff: float = 0.0
 
     @property
     def capacity(self) -> float:
@@ -184,7 +187,7 @@ def _device(table, where: str, path: str) -> DeviceProfile:
         emulate_on=r.text("emulate_on", required=False, choices=("torch", "opencl", "host"),
                           default="opencl" if kind == "fpga" else "torch"),
         host_link=r.text("host_link", required=False), part=r.text("part", required=False, default=""),
-        sources=sources, path=path)
+        sources=sources, path=path, handoff=r.figure("handoff", "time", required=False) or 0.0)
     if profile.active_power < profile.idle_power:
         raise ProfileError(f"{where}: active_power ({profile.active_power:g} W) is below idle_power "
                            f"({profile.idle_power:g} W)")
@@ -354,6 +357,8 @@ def dumps(devices: list[DeviceProfile], links: list[LinkProfile]) -> str:
             out.append(f"host_link = {_quote(d.host_link)}")
         if d.part:
             out.append(f"part = {_quote(d.part)}")
+        if "handoff" in src:
+            out.append(f"handoff = {_fig(d.handoff, 'time', src['handoff'])}")
         out += [f"launch = {_fig(d.launch, 'time', src.get('launch', '?'))}",
                 f"idle_power = {_fig(d.idle_power, 'power', src.get('idle_power', '?'))}",
                 f"active_power = {_fig(d.active_power, 'power', src.get('active_power', '?'))}",
