@@ -670,41 +670,42 @@ def test_energy_counts_idle_home_and_shared_parts_once():
     assert close(separate.energy_j, shared.seconds * (prof.active_power + prof.idle_power))
 
 
-def test_handoffs_charge_each_change_into_a_device():
+SPLIT = {Step.PREPARE: "model:mi210", Step.RELEVANCY: "model:u55c", Step.RETRIEVAL: "model:u55c",
+         Step.APPLY: "model:mi210"}
+
+
+def _pair_workload(assignment: dict):
+    """(method, workload, system) of page-sparse at 64K x batch 4 placed by `assignment` on the MI210 + U55C."""
     method = PageSparseAttention()
-    shapes = method.shapes(context=65536, batch=4)
     system, devs = make_system(PAIR)
-    split = {Step.PREPARE: "model:mi210", Step.RELEVANCY: "model:u55c", Step.RETRIEVAL: "model:u55c",
-             Step.APPLY: "model:mi210"}
-    placed = {s: devs[d] for s, d in split.items()}
-    work = method.workload(shapes, {s: d.backend for s, d in placed.items()}, method.fused(placed))
-    base = evaluate(method, work, split, system)
+    placed = {s: devs[d] for s, d in assignment.items()}
+    work = method.workload(method.shapes(context=65536, batch=4), {s: d.backend for s, d in placed.items()},
+                           method.fused(placed))
+    return method, work, system
+
+
+def test_handoffs_charge_each_change_into_a_device():
+    method, work, system = _pair_workload(SPLIT)
+    base = evaluate(method, work, SPLIT, system)
     assert base.handoffs == []  # the shipped profiles charge none
     nodes = [dataclasses.replace(n, profile=dataclasses.replace(n.profile, handoff=1e-3)) if n.id == "model:u55c"
              else n for n in system.nodes.values()]
-    slow = evaluate(method, work, split, System(nodes, system.home, system.links))
-    order = [split[t.step] for t in work.tasks]  # a decode step repeats: its first task follows its last
+    slow = evaluate(method, work, SPLIT, System(nodes, system.home, system.links))
+    order = [SPLIT[t.step] for t in work.tasks]  # a decode step repeats: its first task follows its last
     into = sum(1 for a, b in zip(order[-1:] + order[:-1], order) if a != b and b == "model:u55c")
     assert into >= 1 and len(slow.handoffs) == into
     assert all(h.dst == "model:u55c" and h.src == "model:mi210" and h.seconds == 1e-3 for h in slow.handoffs)
     assert close(slow.serial_seconds, base.serial_seconds + into * 1e-3 * slow.repeat)
     assert close(slow.busy["model:u55c"], base.busy["model:u55c"] + into * 1e-3 * slow.repeat)
     gpu = {s: "model:mi210" for s in STEPS}  # no device change, nothing charged
-    placed = {s: devs[d] for s, d in gpu.items()}
-    work = method.workload(shapes, {s: d.backend for s, d in placed.items()}, method.fused(placed))
+    method, work, _ = _pair_workload(gpu)
     assert evaluate(method, work, gpu, System(nodes, system.home, system.links)).handoffs == []
 
 
 def test_overlap_takes_the_busiest_resource():
-    method = PageSparseAttention()
-    shapes = method.shapes(context=65536, batch=4)
-    system, devs = make_system(PAIR)
-    split = {Step.PREPARE: "model:mi210", Step.RELEVANCY: "model:u55c", Step.RETRIEVAL: "model:u55c",
-             Step.APPLY: "model:mi210"}
-    placed = {s: devs[d] for s, d in split.items()}
-    work = method.workload(shapes, {s: d.backend for s, d in placed.items()}, method.fused(placed))
-    serial = evaluate(method, work, split, system)
-    piped = evaluate(method, work, split, system, overlap=True)
+    method, work, system = _pair_workload(SPLIT)
+    serial = evaluate(method, work, SPLIT, system)
+    piped = evaluate(method, work, SPLIT, system, overlap=True)
     link_busy = {}
     for t in piped.transfers:
         link_busy[t.link] = link_busy.get(t.link, 0.0) + t.seconds * piped.repeat
