@@ -559,10 +559,11 @@ def task_rooflines(method, placement: dict[str, str], shapes: dict, profiles: di
 def measure_ops(method, device_ids: list[str], profiles: dict[str, DeviceProfile], ctx: _Ctx,
                 grid: list[dict], per_visit: int = 2) -> tuple[list[dict], list[dict]]:
     """Points (method, device, op, pattern, shapes, roofline, measured seconds, samples) over
-    the grid, and the whole decode steps (method, placement, shapes, wall seconds, samples). At each shape every placement is prepared once, then visited round-robin in a
-    new random order each round (1 untimed + `per_visit` timed decode steps a visit) until
-    each has `ctx.repeats` samples: the machine's speed drifts for minutes at a time on shared
-    cores, and interleaving spreads a slow spell over every op instead of biasing a few."""
+    the grid, and the whole decode steps (method, placement, shapes, wall seconds, samples).
+    At each shape every placement is prepared once, then visited round-robin in a new random
+    order each round (1 untimed + `per_visit` timed decode steps a visit) until each has
+    `ctx.repeats` samples: the machine's speed drifts for minutes at a time on shared cores,
+    and interleaving spreads a slow spell over every op instead of biasing a few."""
     points, steps = [], []
     placements = op_placements(device_ids, method)
     rounds = max(2, -(-ctx.repeats // per_visit))
@@ -612,7 +613,7 @@ def fit_handoffs(steps: list[dict], methods: dict, built: dict[str, DeviceProfil
     per-call cost, which every placement there pays). {device: {"seconds", "changes", "steps"}}."""
     from scipy.optimize import least_squares
 
-    from .model import Node, System, evaluate
+    from .model import Node, System, device_changes, evaluate
 
     by_link = {link.name: link for link in links}
     nodes = [Node(d, prof, get_device(d).backend, False, by_link.get(prof.host_link)) for d, prof in built.items()]
@@ -626,8 +627,8 @@ def fit_handoffs(steps: list[dict], methods: dict, built: dict[str, DeviceProfil
         if any(devs[s].id not in built for s in STEPS):
             continue
         est = evaluate(method, work, {s: devs[s].id for s in STEPS}, system)
-        order = [devs[t.step].id for t in work.tasks]
-        into = [sum(1 for a, b in zip(order[-1:] + order[:-1], order) if a != b and b == d) for d in devices]
+        changes = device_changes([devs[t.step].id for t in work.tasks])
+        into = [sum(1 for _, b in changes if b == d) for d in devices]
         group = groups.setdefault((rec["method"], tuple(sorted(rec["grid_shape"].items()))), len(groups))
         rows.append((group, into))
         residuals.append(rec["wall_s"] - est.serial_seconds)
@@ -841,7 +842,8 @@ def calibrate(devices=None, methods=None, quick: bool = False, path=None, progre
         prof.sources["handoff"] = (
             f"calibrated {ctx.date} on {ctx.cpu}: fitted to {h['steps']} whole decode steps ({h['changes']} changes "
             f"into this device) as measured minus predicted step time per change, with an offset per method and "
-            f"shape (soft-L1 least squares, >= 0)") if h else (f"0: no decode step measured by hetero calibrate {ctx.date} changed into this device")
+            f"shape (soft-L1 least squares, >= 0)") if h else (
+            f"0: no decode step measured by hetero calibrate {ctx.date} changed into this device")
     ctx.say("writing", advance=1)
     path = Path(path) if path is not None else _profiles.MACHINE_PROFILE
     path.parent.mkdir(parents=True, exist_ok=True)

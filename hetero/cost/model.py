@@ -154,15 +154,16 @@ class Handoff:
     seconds: float
 
 
+def device_changes(order: list[str]) -> list[tuple[str, str]]:
+    """(previous, next) device wherever consecutive tasks of a call run on different devices.
+    Decode steps repeat, so the first task follows the last one of the previous step."""
+    return [(a, b) for a, b in zip(order[-1:] + order[:-1], order) if a != b]
+
+
 def handoffs(tasks: list[TaskCost], system: "System") -> list[Handoff]:
-    """The handoffs of one call's tasks in order. Decode steps repeat, so the first task
-    follows the last one of the previous step."""
-    out = []
-    for prev, cost in zip(tasks[-1:] + tasks[:-1], tasks):
-        seconds = system.nodes[cost.device].profile.handoff
-        if prev.device != cost.device and seconds > 0:
-            out.append(Handoff(prev.device, cost.device, seconds))
-    return out
+    """The handoffs of one call's tasks in order (device changes into a device with a handoff time)."""
+    return [Handoff(a, b, system.nodes[b].profile.handoff) for a, b in device_changes([t.device for t in tasks])
+            if system.nodes[b].profile.handoff > 0]
 
 
 @dataclass
