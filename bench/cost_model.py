@@ -48,7 +48,7 @@ from hetero.cost import profiles  # noqa: E402
 from hetero.cost.model import task_cost  # noqa: E402
 from hetero.cost.placer import node_for  # noqa: E402
 from hetero.methods import PageSparseAttention  # noqa: E402
-from hetero.runtime import STEPS, Pipeline  # noqa: E402
+from hetero.runtime import STEPS, Pipeline, Step  # noqa: E402
 
 PAGE, BUDGET = 16, 2048
 REFINE = 5  # hetero.place(..., refine=REFINE): the best-predicted placements measured before choosing
@@ -111,17 +111,6 @@ def regret(method, ids, context, rounds, per_visit, confirm_rounds, k) -> dict:
     inputs, query, new = cal.decode_case(method, dict(batch=1, kv_heads=8, q_heads=32, context=context))
     combos = list(itertools.product(ids, repeat=len(STEPS)))
     pipes, memories = {}, {}
-    samples: dict[tuple, list[float]] = {c: [] for c in combos}
-
-    def visit(combo, steps):
-        """`steps` timed decode steps of `combo` after one untimed one (the switch from the
-        previous placement: other memory, cold caches), on the shared memory re-bound to it."""
-        placement = dict(zip((s.value for s in STEPS), combo))
-        memory = memories[(placement["relevancy"], placement["apply"])]
-        memory.placement = pipes[combo].placement  # same summaries and cache: re-bound, not rebuilt
-        m = cal.measure_decode(method, placement, inputs, query, new, steps, warmup=1, pipe=pipes[combo], memory=memory)
-        samples[combo].extend(m["wall"])
-
     for combo in combos:
         placement = dict(zip((s.value for s in STEPS), combo))
         pipes[combo] = Pipeline(method, placement)
@@ -129,19 +118,22 @@ def regret(method, ids, context, rounds, per_visit, confirm_rounds, k) -> dict:
         if group not in memories:
             # room for every append of the run: no 25% growth copy of a 1 GB cache mid-measurement
             memories[group] = pipes[combo].prepare(*inputs, capacity=context + 2048)
-    # The machine's speed drifts (shared vCPUs: the same kernel runs 1.7 or 2.9 ms for
-    # minutes at a time), so placements are measured round-robin in a new random order each
-    # round: a slow spell hits them all alike instead of whichever ran during it.
-    rng = np.random.default_rng(context)
-    for _ in range(rounds):
-        for i in rng.permutation(len(combos)):
-            visit(combos[i], per_visit)
+    samples: dict[tuple, list[float]] = {c: [] for c in combos}
+
+    def measure(group: list[tuple], n_rounds: int, seed: int) -> None:
+        """Round-robin rounds over `group`; placements that differ only in where prepare and
+        retrieval run share one memory (same summaries and cache), re-bound to each."""
+        runs = [(pipes[c], memories[(pipes[c].placement[Step.RELEVANCY].id, pipes[c].placement[Step.APPLY].id)])
+                for c in group]
+        for combo, m in zip(group, cal.measure_round_robin(method, runs, inputs, query, new, n_rounds, per_visit,
+                                                            seed=seed)):
+            samples[combo] += m["wall"]
+
+    measure(combos, rounds, context)
     # confirmation: the chosen and the fastest measured placements again, interleaved
     first = {c: cal.robust_median(s, k) for c, s in samples.items()}
     finalists = list(dict.fromkeys([chosen, chosen_refined] + sorted(first, key=first.get)[:5]))
-    for _ in range(confirm_rounds):
-        for i in rng.permutation(len(finalists)):
-            visit(finalists[i], per_visit)
+    measure(finalists, confirm_rounds, context + 1)
     measured = {c: cal.robust_median(s, k) for c, s in samples.items()}
     best = min(measured, key=measured.get)
 

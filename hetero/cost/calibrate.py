@@ -540,6 +540,29 @@ def measure_decode(method, placement, inputs, query, new, repeats: int, warmup: 
     return {"ops": ops, "wall": walls, "pipe": pipe, "memory": memory}
 
 
+def measure_round_robin(method, runs: list[tuple], inputs, query, new, rounds: int, steps: int, seed: int = 0,
+                        after_round=None) -> list[dict]:
+    """Decode steps of several prepared placements, `runs` = [(pipe, memory)], visited
+    round-robin in a new random order each round (1 untimed + `steps` timed decode steps a
+    visit): the machine's speed drifts for minutes at a time on shared cores, and
+    interleaving spreads a slow spell over every placement instead of biasing a few. A memory
+    shared by several pipelines is re-bound to each before its visit. Returns per run
+    {"ops": {(device, op): [s]}, "wall": [s]}; `after_round(r)` is called after round r."""
+    out: list[dict] = [{"ops": {}, "wall": []} for _ in runs]
+    rng = np.random.default_rng(seed)
+    for r in range(rounds):
+        for i in rng.permutation(len(runs)):
+            pipe, memory = runs[i]
+            memory.placement = pipe.placement
+            m = measure_decode(method, None, inputs, query, new, steps, warmup=1, pipe=pipe, memory=memory)
+            for key, samples in m["ops"].items():
+                out[i]["ops"].setdefault(key, []).extend(samples)
+            out[i]["wall"] += m["wall"]
+        if after_round is not None:
+            after_round(r)
+    return out
+
+
 def workload_for(method, placement: dict[str, str], shapes: dict):
     devs = {s: get_device(placement[s.value]) for s in STEPS}
     backends = {s: d.backend for s, d in devs.items()}
@@ -560,38 +583,32 @@ def measure_ops(method, device_ids: list[str], profiles: dict[str, DeviceProfile
                 grid: list[dict], per_visit: int = 2) -> tuple[list[dict], list[dict]]:
     """Points (method, device, op, pattern, shapes, roofline, measured seconds, samples) over
     the grid, and the whole decode steps (method, placement, shapes, wall seconds, samples).
-    At each shape every placement is prepared once, then visited round-robin in a new random
-    order each round (1 untimed + `per_visit` timed decode steps a visit) until each has
-    `ctx.repeats` samples: the machine's speed drifts for minutes at a time on shared cores,
-    and interleaving spreads a slow spell over every op instead of biasing a few."""
+    At each shape every placement is prepared once, then measured round-robin
+    (`measure_round_robin`) until each has `ctx.repeats` samples."""
     points, steps = [], []
     placements = op_placements(device_ids, method)
     rounds = max(2, -(-ctx.repeats // per_visit))
-    rng = np.random.default_rng(0)
     for shape in grid:
         inputs, query, new = decode_case(method, shape)
         shapes = method_shapes(method, shape)
-        seen: dict[tuple[str, str], list[float]] = {}
         roofs: dict[tuple[str, str], tuple[float, str]] = {}
         where = f"{method.name} ops at {method.CONTEXT_SHAPE} {shape['context']:,}, batch {shape['batch']}"
         runs = []
         for placement in placements:
             ctx.say(f"{where}: preparing {_label(placement)}")
             pipe = Pipeline(method, placement)
-            runs.append((placement, pipe, pipe.prepare(*inputs)))
+            runs.append((pipe, pipe.prepare(*inputs)))
             roofs.update(task_rooflines(method, placement, shapes, profiles))
-        walls: list[list[float]] = [[] for _ in runs]
-        for r in range(rounds):
-            ctx.say(f"{where}: round {r + 1} of {rounds} over {len(runs)} placements")
-            for i in rng.permutation(len(runs)):
-                placement, pipe, memory = runs[i]
-                m = measure_decode(method, placement, inputs, query, new, per_visit, warmup=1, pipe=pipe, memory=memory)
-                for key, samples in m["ops"].items():
-                    seen.setdefault(key, []).extend(samples)
-                walls[i] += m["wall"]
-            ctx.say("", advance=len(runs) / rounds)
+        ctx.say(f"{where}: {rounds} rounds over {len(runs)} placements")
+        measured = measure_round_robin(method, runs, inputs, query, new, rounds, per_visit,
+                                       after_round=lambda r: ctx.say("", advance=len(runs) / rounds))
+        seen: dict[tuple[str, str], list[float]] = {}
+        for m in measured:
+            for key, samples in m["ops"].items():
+                seen.setdefault(key, []).extend(samples)
         steps += [{"method": method.name, "placement": placement, "shapes": shapes, "grid_shape": dict(shape),
-                   "wall_s": robust_median(w, ctx.k), "samples": len(w)} for (placement, _, _), w in zip(runs, walls)]
+                   "wall_s": robust_median(m["wall"], ctx.k), "samples": len(m["wall"])}
+                  for placement, m in zip(placements, measured)]
         for (dev, op), samples in seen.items():
             if (dev, op) not in roofs:
                 continue

@@ -328,10 +328,8 @@ def _refine(plan: Plan, devs: dict[str, Device], count: int, rounds: int, steps:
     the single-device baselines, interleaved in a new random order each round (a slow spell
     of a shared machine then hits them all alike), and choose the fastest by robust median
     of the decode-step wall time."""
-    import numpy as np
-
     from ..runtime import Pipeline
-    from .calibrate import decode_inputs_for, measure_decode, robust_median
+    from .calibrate import decode_inputs_for, measure_round_robin, robust_median
 
     method = plan.method
 
@@ -350,14 +348,9 @@ def _refine(plan: Plan, devs: dict[str, Device], count: int, rounds: int, steps:
     runs = []
     for e in candidates:
         pipe = Pipeline(method, {s.value: d for s, d in e.assignment.items()})
-        runs.append((e, pipe, pipe.prepare(*inputs)))
-    walls: dict[str, list[float]] = {e.label(): [] for e in candidates}
-    rng = np.random.default_rng(0)
-    for _ in range(rounds):
-        for i in rng.permutation(len(runs)):
-            e, pipe, memory = runs[i]
-            walls[e.label()] += measure_decode(method, None, inputs, query, new, steps, warmup=1, pipe=pipe,
-                                               memory=memory)["wall"]
+        runs.append((pipe, pipe.prepare(*inputs)))
+    measured = measure_round_robin(method, runs, inputs, query, new, rounds, steps)
+    walls = {e.label(): m["wall"] for e, m in zip(candidates, measured)}
     plan.measured = {label: robust_median(w) for label, w in walls.items()}
     best = min(candidates, key=lambda e: plan.measured[e.label()])
     if best is not plan.chosen:
